@@ -1,0 +1,249 @@
+"""Data contract: load the TransBrain DNN-stage inputs in the reference layout and validate them.
+
+Every violation raises `InputError` with one line naming the file, the field and what was expected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from transdnn.errors import InputError
+
+UNLABELLED = "other"
+_SHOW = 3
+
+
+@dataclass(frozen=True)
+class GeneList:
+    path: Path
+    genes: list[str]
+
+
+@dataclass(frozen=True)
+class Homology:
+    path: Path
+    human: list[str]
+    mouse: list[str]
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    """One integrated training set: labelled rows, their samples, and the selected genes."""
+
+    path: Path
+    X: np.ndarray  # rows x genes, float32, gene-list order
+    labels: np.ndarray  # int64 category codes (alphabetical region order)
+    regions: list[str]  # code -> region name
+    row_sample: np.ndarray  # int64 sample code per row
+    sample_region: np.ndarray  # int64 region code per sample
+    genes: list[str]
+
+    @property
+    def n_samples(self) -> int:
+        return len(self.sample_region)
+
+
+@dataclass(frozen=True)
+class TransformSet:
+    """A human or mouse transform set, averaged per region (one row per region, sorted names)."""
+
+    path: Path
+    regions: list[str]
+    means: np.ndarray  # regions x genes, float32
+
+
+def _examples(items: list[str] | np.ndarray) -> str:
+    items = list(items)
+    more = f", ... ({len(items)} in all)" if len(items) > _SHOW else ""
+    return ", ".join(repr(i) for i in items[:_SHOW]) + more
+
+
+def read_gene_list(path: Path) -> GeneList:
+    frame = _read_csv(path)
+    if "genes" not in frame.columns:
+        raise InputError(f"{path}: column 'genes' missing (expected a CSV with a 'genes' column)")
+    genes = frame["genes"].dropna().astype(str).tolist()
+    if not genes:
+        raise InputError(f"{path}: column 'genes' is empty (expected at least one gene symbol)")
+    dup = pd.Index(genes)[pd.Index(genes).duplicated()].unique().tolist()
+    if dup:
+        raise InputError(f"{path}: column 'genes' has duplicated genes {_examples(dup)} (expected unique symbols)")
+    return GeneList(path, genes)
+
+
+def read_homology(path: Path) -> Homology:
+    frame = _read_csv(path)
+    missing = [c for c in ("human_region", "mouse_region") if c not in frame.columns]
+    if missing:
+        raise InputError(f"{path}: columns {missing} missing (expected 'human_region' and 'mouse_region')")
+    if frame.empty:
+        raise InputError(f"{path}: no homologous pairs (expected at least one human_region/mouse_region row)")
+    frame = frame[["human_region", "mouse_region"]]
+    if frame.isna().any().any():
+        raise InputError(f"{path}: empty cells in 'human_region'/'mouse_region' (expected a region name in each)")
+    return Homology(path, frame["human_region"].astype(str).tolist(), frame["mouse_region"].astype(str).tolist())
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise InputError(f"{path}: file not found (expected a CSV file)")
+    try:
+        return pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not a readable CSV ({str(exc).splitlines()[0]})") from None
+
+
+def _read_h5ad(path: Path) -> ad.AnnData:
+    if not path.is_file():
+        raise InputError(f"{path}: file not found (expected an .h5ad file)")
+    if not h5py.is_hdf5(path):
+        raise InputError(f"{path}: not an HDF5 file (expected an .h5ad file written by anndata)")
+    try:
+        return ad.read_h5ad(path)
+    except Exception as exc:  # anndata/h5py raise many types for truncated or foreign files
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"{path}: unreadable h5ad ({reason[:160]}); expected a complete anndata file") from None
+
+
+def _region_ids(adata: ad.AnnData, path: Path) -> pd.Series:
+    if "region_index" not in adata.obs.columns:
+        raise InputError(f"{path}: obs['region_index'] missing (expected ids like 'A8m_sample3_17')")
+    return adata.obs["region_index"].astype(str).reset_index(drop=True)
+
+
+def _select_genes(adata: ad.AnnData, rows: np.ndarray, genes: GeneList, path: Path) -> np.ndarray:
+    """Return rows x gene-list matrix (float32); densify only the selected block."""
+    names = adata.var["Gene"].astype(str) if "Gene" in adata.var.columns else pd.Series(adata.var_names)
+    index = pd.Index(names.to_numpy())
+    wanted = pd.Index(genes.genes)
+    dup = index[index.duplicated()].unique()
+    dup = dup[dup.isin(wanted)]
+    if len(dup):
+        raise InputError(f"{path}: var['Gene'] has duplicated genes {_examples(dup.tolist())} (expected unique symbols)")
+    missing = wanted[~wanted.isin(index)]
+    if len(missing):
+        raise InputError(
+            f"{path}: var['Gene'] lacks {len(missing)} of {len(wanted)} genes of {genes.path.name}: "
+            f"{_examples(missing.tolist())} (expected every gene-list gene)"
+        )
+    cols = index.get_indexer(wanted)
+    X = adata.X
+    if sp.issparse(X):
+        block = sp.csr_matrix(X)[rows][:, cols]
+        finite = np.isfinite(block.data).all()
+        dense = block.toarray().astype(np.float32, copy=False)
+    else:
+        X = np.asarray(X)
+        dense = np.ascontiguousarray(X[np.ix_(rows, cols)] if len(rows) != X.shape[0] else X[:, cols], dtype=np.float32)
+        finite = bool(np.isfinite(dense).all())
+    if not finite:
+        raise InputError(f"{path}: X has NaN or inf values (expected finite expression values)")
+    return dense
+
+
+def load_training_set(path: Path, genes: GeneList) -> TrainingSet:
+    """Load a training h5ad: drop `other` rows, parse `{region}_{sampleK}_{cell}` ids, select genes."""
+    adata = _read_h5ad(path)
+    ids = _region_ids(adata, path)
+    parts = ids.str.split("_", n=2, expand=True).reindex(columns=range(3))
+    region = parts[0]
+    keep = (region != UNLABELLED).to_numpy()
+    if not keep.any():
+        raise InputError(f"{path}: obs['region_index'] has only '{UNLABELLED}' rows (expected labelled regions)")
+    sample_tok = parts[1][keep]
+    bad = ~sample_tok.str.fullmatch(r"sample\d+", na=False)
+    if bad.any():
+        raise InputError(
+            f"{path}: obs['region_index'] ids without a sampleK token, e.g. {_examples(ids[keep][bad].tolist())} "
+            "(expected '{region}_{sampleK}_{cell}')"
+        )
+    rows = np.flatnonzero(keep)
+    region_kept = region[keep].to_numpy()
+    sample_key = region_kept + "_" + sample_tok.to_numpy()
+    regions, labels = np.unique(region_kept, return_inverse=True)
+    samples, row_sample = np.unique(sample_key, return_inverse=True)
+    sample_region = np.empty(len(samples), dtype=np.int64)
+    sample_region[row_sample] = labels
+    per_region = np.bincount(sample_region, minlength=len(regions))
+    thin = regions[per_region < 2]
+    if len(thin):
+        raise InputError(
+            f"{path}: obs['region_index'] regions with fewer than 2 samples: {_examples(thin.tolist())} "
+            "(expected at least 2 samples per region so each side of the split sees it)"
+        )
+    X = _select_genes(adata, rows, genes, path)
+    return TrainingSet(
+        path=path,
+        X=X,
+        labels=labels.astype(np.int64),
+        regions=regions.tolist(),
+        row_sample=row_sample.astype(np.int64),
+        sample_region=sample_region,
+        genes=genes.genes,
+    )
+
+
+def load_transform_set(path: Path, genes: GeneList) -> TransformSet:
+    """Load a human or mouse transform h5ad (`{region}_{sample}` ids) and average it per region."""
+    adata = _read_h5ad(path)
+    ids = _region_ids(adata, path)
+    region = ids.str.split("_", n=1).str[0]
+    keep = (region != UNLABELLED).to_numpy()
+    if not keep.any():
+        raise InputError(f"{path}: obs['region_index'] has no labelled rows (expected '{{region}}_{{sample}}' ids)")
+    rows = np.flatnonzero(keep)
+    X = _select_genes(adata, rows, genes, path)
+    names, codes = np.unique(region[keep].to_numpy(), return_inverse=True)
+    return TransformSet(path=path, regions=names.tolist(), means=region_means(X, codes, len(names)))
+
+
+def region_means(X: np.ndarray, codes: np.ndarray, n_regions: int) -> np.ndarray:
+    """Average rows per region code (one pass, float64 accumulation)."""
+    sums = np.zeros((n_regions, X.shape[1]), dtype=np.float64)
+    np.add.at(sums, codes, X)
+    counts = np.bincount(codes, minlength=n_regions).astype(np.float64)
+    return (sums / counts[:, None]).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class PartitionInputs:
+    """The transform sets, gene list and homology of one partition, checked against each other."""
+
+    genes: GeneList
+    human: TransformSet
+    mouse: TransformSet
+    homology: Homology
+
+
+def load_partition_inputs(human: Path, mouse: Path, genes: Path, homology: Path) -> PartitionInputs:
+    gene_list = read_gene_list(genes)
+    hom = read_homology(homology)
+    h = load_transform_set(human, gene_list)
+    m = load_transform_set(mouse, gene_list)
+    for side, names, tset in (("human_region", hom.human, h), ("mouse_region", hom.mouse, m)):
+        absent = sorted(set(names) - set(tset.regions))
+        if len(absent) == len(set(names)):
+            raise InputError(
+                f"{homology}: no {side} is a region of {tset.path} "
+                f"(expected the {side.split('_')[0]} transform set; got regions {_examples(tset.regions)})"
+            )
+        if absent:
+            raise InputError(f"{homology}: {side} {_examples(absent)} absent from {tset.path} (expected every pair's region)")
+    return PartitionInputs(gene_list, h, m, hom)
+
+
+def check_training_regions(train: TrainingSet, homology: Homology) -> None:
+    """The human side of every homologous pair must be a training label."""
+    absent = sorted(set(homology.human) - set(train.regions))
+    if absent:
+        raise InputError(
+            f"{homology.path}: human_region {_examples(absent)} absent from the regions of {train.path} "
+            "(expected training labels)"
+        )

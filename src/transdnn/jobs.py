@@ -1,0 +1,246 @@
+"""Workflows the CLI and DVC run: load -> train -> save -> track, and embed / test over saved outputs.
+
+Tracking is optional (`tracker=None` runs without MLflow): the loop reports through its sink either way.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from transdnn.atomic import write_csv, write_json
+from transdnn.checkpoints import RunLayout, StoredModel, load_model, save_model
+from transdnn.data import PartitionInputs, check_training_regions, load_partition_inputs, load_training_set
+from transdnn.embed import embed_inputs, embed_metrics, write_embeddings
+from transdnn.errors import InputError
+from transdnn.evaluate import independent_test
+from transdnn.settings import CHECKPOINTS, DataPaths, PartitionSettings
+from transdnn.training import TrainingSink, TrainResult, train
+
+EXAMPLE_ROWS = 3
+
+
+def load_inputs(data: DataPaths) -> PartitionInputs:
+    return load_partition_inputs(data.human, data.mouse, data.genes, data.homology)
+
+
+class _Fanout:
+    def __init__(self, *sinks: TrainingSink | None) -> None:
+        self.sinks = [s for s in sinks if s is not None]
+
+    def on_epoch(self, epoch: int, metrics: pd.DataFrame) -> None:
+        for s in self.sinks:
+            s.on_epoch(epoch, metrics)
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    partition: str
+    dataset: str
+    layout: RunLayout
+    run_id: str | None
+    summary: pd.DataFrame
+    chosen_ranks: np.ndarray
+
+
+def _meta(partition: str, part: PartitionSettings, result: TrainResult, dataset: str) -> dict[str, Any]:
+    return {
+        "partition": partition,
+        "dataset": dataset,
+        "genes": result.genes,
+        "regions": result.regions,
+        "hidden_units": part.model.hidden_units,
+        "dropout": part.model.dropout,
+        "dropout_mode": part.model.dropout_mode,
+        "transform_scaling": part.train.transform_scaling,
+        "seeds": [int(s) for s in result.summary["seed"]],
+    }
+
+
+def _stored(result: TrainResult, meta: dict[str, Any], kind: str) -> StoredModel:
+    return StoredModel(
+        meta, result.checkpoints[kind], result.scaler_mean, result.scaler_std, torch.from_numpy(result.checkpoint_epochs[kind])
+    )
+
+
+def _save_training(result: TrainResult, layout: RunLayout, meta: dict[str, Any]) -> list[Path]:
+    for kind in CHECKPOINTS:
+        save_model(layout.checkpoint(kind), layout.model_meta, _stored(result, meta, kind))
+    files = []
+    for r, frame in result.history.groupby("replicate"):
+        files.append(write_csv(layout.history(int(r)), frame.drop(columns="replicate"), index=False))
+    write_csv(layout.summary, result.summary, index=False)
+    return files
+
+
+def train_partition(
+    partition: str,
+    part: PartitionSettings,
+    device: torch.device,
+    tracker: Any | None = None,
+    progress: TrainingSink | None = None,
+    stage: str | None = None,
+) -> list[TrainOutcome]:
+    """Train every training set of a partition; write checkpoints, history and train.json for each."""
+    inputs = load_inputs(part.data)
+    outcomes = []
+    for path in part.data.train_paths:
+        train_set = load_training_set(path, inputs.genes)
+        check_training_regions(train_set, inputs.homology)
+        layout = RunLayout.for_training_file(part.out, path)
+        files = {
+            "train": path,
+            "human": part.data.human,
+            "mouse": part.data.mouse,
+            "genes": part.data.genes,
+            "homology": part.data.homology,
+        }
+        info = {
+            "rows": train_set.X.shape[0],
+            "genes": train_set.X.shape[1],
+            "regions": len(train_set.regions),
+            "samples": train_set.n_samples,
+            "device": str(device),
+        }
+        seeds = _seeds(part)
+        ctx = (
+            tracker.training(partition, layout.dataset, part.model_dump(mode="json"), info, seeds, files, stage)
+            if tracker
+            else nullcontext()
+        )
+        with ctx as run:
+            result = train(train_set, inputs, part, device, _Fanout(run, progress))
+            meta = _meta(partition, part, result, layout.dataset)
+            history_files = _save_training(result, layout, meta)
+            chosen = embed_inputs(_stored(result, meta, part.embed.checkpoint), inputs, device).ranks
+            if run is not None:
+                _track_training(
+                    run, result, meta, layout, history_files, chosen, part.embed.checkpoint, train_set.X[:EXAMPLE_ROWS]
+                )
+            write_json(
+                layout.train_info,
+                {
+                    "partition": partition,
+                    "dataset": layout.dataset,
+                    "run_id": run.parent_id if run else None,
+                    "checkpoint": part.embed.checkpoint,
+                    "chosen_homology_rank": [float(x) for x in chosen],
+                    "epochs_run": [int(x) for x in result.summary["epochs_run"]],
+                },
+            )
+        outcomes.append(TrainOutcome(partition, layout.dataset, layout, run.parent_id if run else None, result.summary, chosen))
+    return outcomes
+
+
+def _seeds(part: PartitionSettings) -> list[int]:
+    from transdnn.model import seeds_for
+
+    return seeds_for(part.train.seed, part.train.replicates)
+
+
+def _track_training(
+    run: Any,
+    result: TrainResult,
+    meta: dict[str, Any],
+    layout: RunLayout,
+    history_files: list[Path],
+    chosen: np.ndarray,
+    kind: str,
+    example: np.ndarray,
+) -> None:
+    from transdnn.plots import curves
+
+    pngs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r, frame in result.history.groupby("replicate"):
+            pngs.append(curves(frame, Path(tmp) / f"curves_replicate_{r}.png", f"{meta['partition']} replicate {r}"))
+        run.log_summary(result.summary, chosen, history_files, pngs)
+        stored = _stored(result, meta, kind)
+        files = []
+        for r in range(stored.replicates):
+            folder = Path(tmp) / f"r{r}"
+            save_model(folder / "weights.pt", folder / "meta.json", stored.select([r]))
+            files.append((folder / "weights.pt", folder / "meta.json"))
+        run.log_models(files, result.genes, example)
+
+
+def embed_partition(
+    partition: str, part: PartitionSettings, device: torch.device, checkpoint: str, tracker: Any | None = None
+) -> dict[str, dict[str, Any]]:
+    """Embed the transform sets with each training set's chosen checkpoint; write CSVs and metrics.json."""
+    inputs = load_inputs(part.data)
+    all_metrics = {}
+    for path in part.data.train_paths:
+        layout = RunLayout.for_training_file(part.out, path)
+        stored = load_model(layout, checkpoint)
+        emb = embed_inputs(stored, inputs, device)
+        summary = pd.read_csv(layout.summary) if layout.summary.is_file() else None
+        metrics = embed_metrics(emb, checkpoint, summary)
+        write_embeddings(emb, layout, metrics)
+        run_id = json.loads(layout.train_info.read_text()).get("run_id") if layout.train_info.is_file() else None
+        if tracker is not None and run_id:
+            _track_embedding(tracker.reopen(run_id), layout, emb, inputs, metrics)
+        all_metrics[layout.dataset] = metrics
+    write_json(Path(part.out) / "metrics.json", all_metrics)
+    return all_metrics
+
+
+def _track_embedding(run: Any, layout: RunLayout, emb: Any, inputs: PartitionInputs, metrics: dict[str, Any]) -> None:
+    from transdnn.plots import heatmap
+
+    for r in range(len(emb.ranks)):
+        folder = layout.replicate_dir(r)
+        run.log_artifacts(
+            r, [folder / "human_embedding.csv", folder / "mouse_embedding.csv", folder / "correlation.csv"], "embedding"
+        )
+    consensus = layout.embed_dir / "consensus_correlation.csv"
+    with tempfile.TemporaryDirectory() as tmp:
+        png = heatmap(
+            pd.read_csv(consensus, index_col=0),
+            list(zip(inputs.homology.human, inputs.homology.mouse, strict=True)),
+            Path(tmp) / "consensus_heatmap.png",
+            "consensus correlation",
+        )
+        run.log_artifacts(None, [consensus, png, layout.metrics], "embedding")
+    run.log_parent_metrics({k: v for k, v in metrics.items() if isinstance(v, float)})
+
+
+def embed_with_model(model: StoredModel, part: PartitionSettings, device: torch.device, out: Path) -> dict[str, Any]:
+    """Embed with a registry model (one replicate) into `out`."""
+    inputs = load_inputs(part.data)
+    emb = embed_inputs(model, inputs, device)
+    metrics = embed_metrics(emb, "registry", None)
+    write_embeddings(emb, RunLayout(out, "registry"), metrics)
+    return metrics
+
+
+def test_partition(
+    part: PartitionSettings, test_file: Path, device: torch.device, progress: TrainingSink | None = None
+) -> dict[str, Any]:
+    """Independent test: train on the partition's training set(s), report on a held-out labelled set."""
+    outcomes = train_partition("independent", part, device, progress=progress)
+    inputs = load_inputs(part.data)
+    test_set = load_training_set(test_file, inputs.genes)
+    report: dict[str, Any] = {}
+    for outcome in outcomes:
+        result = independent_test(load_model(outcome.layout, part.embed.checkpoint), test_set, device)
+        folder = outcome.layout.root / "independent_test"
+        for r, (pred, conf) in enumerate(zip(result.predictions, result.confusion, strict=True)):
+            write_csv(folder / f"replicate_{r}" / "predictions.csv", pred, index=False)
+            write_csv(folder / f"replicate_{r}" / "confusion_matrix.csv", conf)
+        report[outcome.dataset] = {
+            "accuracy": {str(r): float(a) for r, a in enumerate(result.accuracy)},
+            "accuracy_mean": float(result.accuracy.mean()),
+        }
+        write_json(folder / "test_metrics.json", report[outcome.dataset])
+    if not report:
+        raise InputError(f"{test_file}: nothing was trained (expected at least one training set)")
+    return report

@@ -1,0 +1,266 @@
+"""MLflow tracking: the only module (with its pyfunc model and the registry) that touches mlflow.
+
+Configured by an explicit `configure()` call from the CLI, never at import. One parent run per
+partition and training set, one nested child run per replicate, per-epoch metrics with step=epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+import transdnn
+from transdnn.errors import TrackingError
+from transdnn.settings import TrackingSettings
+
+T = TypeVar("T")
+PARENT_ROLE = "training"
+_MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
+_PACKAGE_DIR = Path(__file__).parent
+
+
+def default_uri(project: Path) -> str:
+    """An absolute SQLite store in the project, so `dvc exp run --temp/--queue` records into one place."""
+    return f"sqlite:///{(project / 'mlflow.db').resolve()}"
+
+
+def configure(settings: TrackingSettings, project: Path) -> str:
+    """Point MLflow at the store: MLFLOW_TRACKING_URI, else params.yaml's `tracking.uri`, else the default."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or settings.uri or default_uri(project)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def retry(call: Callable[[], T], attempts: int = 8, delay: float = 0.2) -> T:
+    """Retry a store call while SQLite reports it is locked or busy (parallel writers)."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except MlflowException as exc:
+            text = str(exc).lower()
+            if attempt == attempts - 1 or not ("locked" in text or "busy" in text):
+                raise
+            time.sleep(delay * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def ensure_experiment(name: str, project: Path) -> str:
+    """Get or create the experiment, race-free; artifacts go beside the store, at an absolute path."""
+    client = MlflowClient()
+    found = retry(lambda: client.get_experiment_by_name(name))
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if mlflow.get_tracking_uri().startswith("sqlite:"):
+        location = (project / "mlartifacts").resolve().as_uri()
+    try:
+        return retry(lambda: client.create_experiment(name, artifact_location=location))
+    except MlflowException:
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def file_digest(path: Path) -> str:
+    """Streaming md5 of a file: the same value DVC 3 records for it in dvc.lock and .dvc files."""
+    digest = hashlib.md5()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def git_commit(project: Path) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
+def flatten(prefix: str, value: Any) -> dict[str, str]:
+    if isinstance(value, dict):
+        out: dict[str, str] = {}
+        for k, v in value.items():
+            out.update(flatten(f"{prefix}.{k}" if prefix else str(k), v))
+        return out
+    return {prefix: str(value)}
+
+
+class TrainingRun:
+    """A parent run and its replicate children; implements the training loop's sink."""
+
+    def __init__(self, client: MlflowClient, parent_id: str, children: list[str]) -> None:
+        self.client = client
+        self.parent_id = parent_id
+        self.children = children
+
+    def on_epoch(self, epoch: int, metrics: pd.DataFrame) -> None:
+        now = int(time.time() * 1000)
+        for row in metrics.itertuples(index=False):
+            values = [
+                Metric(k, float(getattr(row, k)), now, epoch)
+                for k in ("train_loss", "train_acc", "valid_loss", "valid_acc", "homology_rank", "lr")
+            ]
+            retry(lambda values=values, r=int(row.replicate): self.client.log_batch(self.children[r], metrics=values))
+
+    def log_summary(self, summary: pd.DataFrame, chosen_ranks: np.ndarray, history_files: list[Path], curves: list[Path]) -> None:
+        """Final metrics and history artifacts of each replicate."""
+        now = int(time.time() * 1000)
+        for row, rank, hist, png in zip(summary.itertuples(index=False), chosen_ranks, history_files, curves, strict=True):
+            child = self.children[int(row.replicate)]
+            values = {
+                "best_valid_loss": row.best_valid_loss,
+                "best_valid_acc": row.best_valid_acc,
+                "best_homology_rank": row.best_homology_rank,
+                "chosen_homology_rank": float(rank),
+                "epochs_run": row.epochs_run,
+                "early_stopped": float(row.early_stopped),
+            }
+            retry(
+                lambda child=child, values=values: self.client.log_batch(
+                    child, metrics=[Metric(k, float(v), now, 0) for k, v in values.items()]
+                )
+            )
+            self.client.log_artifact(child, str(hist), "history")
+            self.client.log_artifact(child, str(png), "plots")
+
+    def log_models(self, replicate_files: list[tuple[Path, Path]], genes: list[str], example: np.ndarray) -> None:
+        """Log each replicate's chosen checkpoint as a pyfunc model (model from code, weights-only)."""
+        from mlflow.models import infer_signature
+
+        frame = pd.DataFrame(example, columns=genes)
+        for r, (weights, meta) in enumerate(replicate_files):
+            with mlflow.start_run(run_id=self.children[r], nested=True):
+                info = mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=str(_MODEL_CODE),
+                    artifacts={"weights": str(weights), "meta": str(meta)},
+                    code_paths=[str(_PACKAGE_DIR)],
+                    input_example=frame,
+                    signature=infer_signature(frame, params={"output": "embedding"}),
+                    pip_requirements=["torch", "pandas<3", "numpy", "mlflow", "anndata", "pydantic", "pyyaml", "h5py", "scipy"],
+                )
+            self.client.set_tag(self.children[r], "model_uri", info.model_uri)
+
+    def log_artifacts(self, replicate: int | None, files: list[Path], folder: str | None = None) -> None:
+        run = self.parent_id if replicate is None else self.children[replicate]
+        for f in files:
+            self.client.log_artifact(run, str(f), folder)
+
+    def log_parent_metrics(self, metrics: dict[str, float]) -> None:
+        now = int(time.time() * 1000)
+        retry(lambda: self.client.log_batch(self.parent_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()]))
+
+    def end(self, status: str) -> None:
+        for run in [*self.children, self.parent_id]:
+            retry(lambda run=run: self.client.set_terminated(run, status))
+
+
+class Tracker:
+    """Opens and reopens runs in one experiment of the configured store."""
+
+    def __init__(self, experiment: str, project: Path) -> None:
+        self.client = MlflowClient()
+        self.project = project
+        self.experiment_id = ensure_experiment(experiment, project)
+
+    @contextmanager
+    def training(
+        self,
+        partition: str,
+        dataset: str,
+        params: dict[str, Any],
+        info: dict[str, Any],
+        seeds: list[int],
+        inputs: dict[str, Path],
+        stage: str | None = None,
+    ) -> Iterator[TrainingRun]:
+        """A parent run with one child per replicate; ends FINISHED, FAILED or KILLED, never RUNNING."""
+        tags = {
+            "partition": partition,
+            "dataset": dataset,
+            "transdnn.role": PARENT_ROLE,
+            "mlflow.runName": f"{partition}-{dataset}",
+        }
+        if stage:
+            tags["dvc.stage"] = stage
+        digests = {name: file_digest(path) for name, path in inputs.items()}
+        tags.update({f"md5.{name}": d for name, d in digests.items()})
+        parent = retry(lambda: self.client.create_run(self.experiment_id, tags=tags))
+        pid = parent.info.run_id
+        flat = {
+            **flatten("", params),
+            **{k: str(v) for k, v in info.items()},
+            "transdnn_version": transdnn.__version__,
+            "git_commit": git_commit(self.project),
+        }
+        items = list(flat.items())
+        for start in range(0, len(items), 100):
+            retry(
+                lambda chunk=items[start : start + 100]: self.client.log_batch(pid, params=[Param(k, v[:6000]) for k, v in chunk])
+            )
+        with mlflow.start_run(run_id=pid):
+            for name, path in inputs.items():
+                ds = MetaDataset(resolve_dataset_source(str(path.resolve())), name=f"{name}:{path.name}", digest=digests[name])
+                mlflow.log_input(ds, context="training" if name.startswith("train") else name)
+        children = []
+        for r, seed in enumerate(seeds):
+            ctags = {
+                "partition": partition,
+                "dataset": dataset,
+                "replicate": str(r),
+                "seed": str(seed),
+                "mlflow.parentRunId": pid,
+                "mlflow.runName": f"{partition}-{dataset}-r{r}",
+            }
+            child = retry(lambda ctags=ctags: self.client.create_run(self.experiment_id, tags=ctags))
+            retry(
+                lambda cid=child.info.run_id, r=r, seed=seed: self.client.log_batch(
+                    cid, params=[Param("replicate", str(r)), Param("seed", str(seed))]
+                )
+            )
+            children.append(child.info.run_id)
+        run = TrainingRun(self.client, pid, children)
+        try:
+            yield run
+        except KeyboardInterrupt:
+            run.end("KILLED")
+            raise
+        except BaseException:
+            run.end("FAILED")
+            raise
+        run.end("FINISHED")
+
+    def reopen(self, run_id: str) -> TrainingRun:
+        """The run of an earlier training (for embed): its children in replicate order."""
+        try:
+            parent = self.client.get_run(run_id)
+        except MlflowException:
+            raise TrackingError(f"run {run_id}: not found in {mlflow.get_tracking_uri()} (expected a training run id)") from None
+        kids = self.client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'", max_results=1000)
+        kids = sorted(kids, key=lambda k: int(k.data.tags["replicate"]))
+        return TrainingRun(self.client, run_id, [k.info.run_id for k in kids])
+
+    def load_model(self, uri: str) -> Any:
+        """Load a logged or registered replicate model through MLflow (never by reading the store's files)."""
+        try:
+            return mlflow.pyfunc.load_model(uri).unwrap_python_model().model
+        except MlflowException as exc:
+            raise TrackingError(f"{uri}: cannot load model ({str(exc).splitlines()[0][:160]})") from None

@@ -1,0 +1,362 @@
+"""Training loop: all replicates of one partition trained together on in-memory tensors.
+
+Reference semantics (AdamW, StepLR, batch 256 with the last partial training batch dropped, early
+stopping on validation loss, per-epoch homology rank, three checkpoints), without its defects:
+every validation row is scored, the best trackers start at +inf, dropout drops units, runs are seeded.
+What happened is reported through a `TrainingSink`; the loop itself never touches tracking.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from transdnn.data import PartitionInputs, TrainingSet
+from transdnn.errors import ConfigError, InputError
+from transdnn.homology import homology_rank, pair_indices, pearson
+from transdnn.model import StackedMLP, seeds_for
+from transdnn.settings import CHECKPOINTS, PartitionSettings
+from transdnn.split import fit_scalers, split_rows, split_samples
+
+EPOCH_METRICS = ("train_loss", "train_acc", "valid_loss", "valid_acc", "homology_rank", "lr")
+
+
+class TrainingSink(Protocol):
+    """Receives what the loop did; tracking and progress bars implement it, tests pass `NullSink`."""
+
+    def on_epoch(self, epoch: int, metrics: pd.DataFrame) -> None:
+        """`metrics`: one row per replicate still training, columns `replicate` + EPOCH_METRICS."""
+
+
+class NullSink:
+    def on_epoch(self, epoch: int, metrics: pd.DataFrame) -> None:
+        return None
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA when present; naming an absent device is a configuration error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"option 'device': unknown device {name!r} (expected auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"option 'device': {name!r} requested but no CUDA GPU is available (expected auto or cpu)")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"option 'device': {name!r} is not supported (expected auto, cpu, cuda or cuda:N)")
+    return device
+
+
+def check_shapes(train: TrainingSet, settings: PartitionSettings) -> tuple[int, int]:
+    """Input and output sizes come from the data; when params.yaml sets them they must agree."""
+    n_in, n_out = train.X.shape[1], len(train.regions)
+    for key, expected, actual in (
+        ("input_units", settings.model.input_units, n_in),
+        ("output_units", settings.model.output_units, n_out),
+    ):
+        if expected is not None and expected != actual:
+            raise InputError(
+                f"{train.path}: data give {key}={actual} but params set model.{key}={expected} (expected them to agree)"
+            )
+    return n_in, n_out
+
+
+@dataclass
+class TrainResult:
+    """Everything training produced: stacked checkpoints, scaler statistics, history and summary."""
+
+    regions: list[str]
+    genes: list[str]
+    checkpoints: dict[str, dict[str, torch.Tensor]]  # kind -> parameter name -> (R, ...) tensor
+    checkpoint_epochs: dict[str, np.ndarray]  # kind -> epoch per replicate
+    scaler_mean: torch.Tensor  # (R, G)
+    scaler_std: torch.Tensor  # (R, G)
+    history: pd.DataFrame  # one row per replicate-epoch
+    summary: pd.DataFrame  # one row per replicate
+    shapes: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Split:
+    train_idx: list[np.ndarray]
+    valid_idx: list[np.ndarray]
+
+
+def _splits(train: TrainingSet, ratio: float, seeds: list[int]) -> _Split:
+    tr, va = [], []
+    for seed in seeds:
+        valid_samples = split_samples(train.sample_region, ratio, np.random.default_rng(seed))
+        t, v = split_rows(train.row_sample, valid_samples)
+        tr.append(t)
+        va.append(v)
+    return _Split(tr, va)
+
+
+def _padded(indices: list[np.ndarray], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack ragged index lists into (R, max_len) with a validity mask."""
+    width = max(len(i) for i in indices)
+    out = np.zeros((len(indices), width), dtype=np.int64)
+    mask = np.zeros((len(indices), width), dtype=bool)
+    for r, idx in enumerate(indices):
+        out[r, : len(idx)] = idx
+        mask[r, : len(idx)] = True
+    return torch.from_numpy(out).to(device), torch.from_numpy(mask).to(device)
+
+
+class Trainer:
+    """Owns the state of one partition's training: model, optimiser, scheduler, trackers, snapshots."""
+
+    def __init__(self, train: TrainingSet, inputs: PartitionInputs, settings: PartitionSettings, device: torch.device) -> None:
+        self.cfg = settings.train
+        self.device = device
+        n_in, n_out = check_shapes(train, settings)
+        self.train_set = train
+        R = self.cfg.replicates
+        self.seeds = seeds_for(self.cfg.seed, R)
+        self.X = torch.from_numpy(train.X).to(device)
+        split = _splits(train, self.cfg.valid_ratio, self.seeds)
+        self.train_idx = [torch.from_numpy(t) for t in split.train_idx]
+        self.valid_idx, self.valid_mask = _padded(split.valid_idx, device)
+        masks = torch.zeros(R, len(train.labels), dtype=torch.bool)
+        for r, t in enumerate(split.train_idx):
+            masks[r, t] = True
+        self.mean, self.std = fit_scalers(self.X, masks.to(device))
+        labels = torch.from_numpy(train.labels)
+        Y = labels.repeat(R, 1)
+        if self.cfg.shuffle_labels:
+            for r, t in enumerate(split.train_idx):
+                gen = torch.Generator().manual_seed(self.seeds[r] + 2)
+                Y[r, t] = labels[t][torch.randperm(len(t), generator=gen)]
+        self.Y = Y.to(device)
+        self.gens = [torch.Generator().manual_seed(s + 1) for s in self.seeds]
+        torch.manual_seed(self.cfg.seed)  # dropout draws
+        self.model = StackedMLP(R, n_in, settings.model.hidden_units, n_out, settings.model.dropout, settings.model.dropout_mode)
+        self.model.reset_parameters(self.seeds)
+        self.model.to(device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.learning_rate, weight_decay=self.cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=self.cfg.lr_step, gamma=self.cfg.lr_gamma)
+        self._prepare_homology(inputs)
+        self.active = torch.ones(R, dtype=torch.bool, device=device)
+        self.best = {
+            "valid_loss": torch.full((R,), torch.inf, dtype=torch.float64),
+            "homology_rank": torch.full((R,), torch.inf, dtype=torch.float64),
+        }
+        self.best_epoch = {kind: np.full(R, -1) for kind in CHECKPOINTS}
+        self.stale = np.zeros(R, dtype=np.int64)
+        self.epochs_run = np.zeros(R, dtype=np.int64)
+        self.snapshots = {kind: {n: p.detach().clone() for n, p in self.model.named_parameters()} for kind in CHECKPOINTS}
+        self.epoch = 0
+        self.rows: list[pd.DataFrame] = []
+        self.autocast = self.cfg.precision == "bf16"
+
+    def _prepare_homology(self, inputs: PartitionInputs) -> None:
+        self.human_regions = inputs.human.regions
+        self.mouse_regions = inputs.mouse.regions
+        self.h_idx, self.m_idx = pair_indices(
+            inputs.human.regions, inputs.mouse.regions, inputs.homology.human, inputs.homology.mouse
+        )
+        self.region_inputs = torch.from_numpy(np.concatenate([inputs.human.means, inputs.mouse.means])).to(self.device)
+
+    def _amp(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
+
+    def _scaled(self, idx: torch.Tensor) -> torch.Tensor:
+        return (self.X[idx] - self.mean[:, None, :]) / self.std[:, None, :]
+
+    def transform_inputs(self) -> torch.Tensor:
+        """Region-averaged transform sets as model input; the training scaler applies only if asked."""
+        R = self.cfg.replicates
+        x = self.region_inputs.expand(R, -1, -1)
+        if self.cfg.transform_scaling == "train":
+            x = (x - self.mean[:, None, :]) / self.std[:, None, :]
+        return x
+
+    def _batches(self) -> torch.Tensor:
+        """(steps, R, B) row indices: a fresh shuffle per replicate; the last partial batch is dropped.
+
+        Replicates whose split left fewer full batches than the largest one top up from a second shuffle,
+        so all replicates step together.
+        """
+        B = self.cfg.batch_size
+        steps = max(1, max(len(t) // B for t in self.train_idx))
+        cols = []
+        for t, gen in zip(self.train_idx, self.gens, strict=True):
+            order = t[torch.randperm(len(t), generator=gen)]
+            while len(order) < steps * B:
+                order = torch.cat([order, t[torch.randperm(len(t), generator=gen)]])
+            cols.append(order[: steps * B].view(steps, B))
+        return torch.stack(cols, dim=1).to(self.device)
+
+    def _train_pass(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self.model.train()
+        weight = self.active.to(torch.float32)
+        batches = self._batches()
+        loss_sum = torch.zeros(self.cfg.replicates, device=self.device)
+        correct = torch.zeros(self.cfg.replicates, device=self.device)
+        rows = torch.arange(self.cfg.replicates, device=self.device)[:, None]
+        for idx in batches:
+            with self._amp():
+                logits, _ = self.model(self._scaled(idx))
+            target = self.Y[rows, idx]
+            losses = F.cross_entropy(logits.float().transpose(1, 2), target, reduction="none").mean(dim=1)
+            self.optimizer.zero_grad(set_to_none=True)
+            (losses * weight).sum().backward()
+            self.optimizer.step()
+            self._freeze_stopped()
+            loss_sum += losses.detach()
+            correct += (logits.detach().argmax(-1) == target).sum(dim=1)
+        return loss_sum / len(batches), correct / (len(batches) * self.cfg.batch_size)
+
+    def _freeze_stopped(self) -> None:
+        """Stopped replicates keep their last weights (AdamW momentum would otherwise move them)."""
+        if bool(self.active.all()):
+            return
+        keep = self.active
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                p.copy_(torch.where(keep.view(-1, *[1] * (p.dim() - 1)), p, self.snapshots["last"][name]))
+
+    @torch.no_grad()
+    def _valid_pass(self, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+        """Score every validation row of every replicate (no drop_last)."""
+        self.model.eval()
+        loss_sum = torch.zeros(self.cfg.replicates, device=self.device, dtype=torch.float64)
+        correct = torch.zeros(self.cfg.replicates, device=self.device, dtype=torch.float64)
+        rows = torch.arange(self.cfg.replicates, device=self.device)[:, None]
+        for start in range(0, self.valid_idx.shape[1], chunk):
+            idx = self.valid_idx[:, start : start + chunk]
+            mask = self.valid_mask[:, start : start + chunk]
+            with self._amp():
+                logits, _ = self.model(self._scaled(idx))
+            target = self.Y[rows, idx]
+            losses = F.cross_entropy(logits.float().transpose(1, 2), target, reduction="none")
+            loss_sum += (losses * mask).sum(dim=1)
+            correct += ((logits.argmax(-1) == target) & mask).sum(dim=1)
+        n = self.valid_mask.sum(dim=1)
+        return (loss_sum / n).float(), (correct / n).float()
+
+    @torch.no_grad()
+    def embeddings(self) -> torch.Tensor:
+        """(R, human + mouse regions, H) embeddings in one batched forward pass."""
+        self.model.eval()
+        with self._amp():
+            return self.model.embed(self.transform_inputs()).float()
+
+    @torch.no_grad()
+    def _rank(self) -> torch.Tensor:
+        emb = self.embeddings()
+        n_h = len(self.human_regions)
+        corr = pearson(emb[:, :n_h].double(), emb[:, n_h:].double())
+        return homology_rank(corr, self.h_idx, self.m_idx)
+
+    def _snapshot(self, kind: str, where: torch.Tensor) -> None:
+        if not bool(where.any()):
+            return
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                snap = self.snapshots[kind][name]
+                snap.copy_(torch.where(where.to(p.device).view(-1, *[1] * (p.dim() - 1)), p, snap))
+
+    @property
+    def done(self) -> bool:
+        return self.epoch >= self.cfg.max_epochs or not bool(self.active.any())
+
+    def step_epoch(self) -> pd.DataFrame:
+        """Run one epoch for every active replicate; return its metrics (one row per active replicate)."""
+        lr = self.optimizer.param_groups[0]["lr"]
+        train_loss, train_acc = self._train_pass()
+        valid_loss, valid_acc = self._valid_pass()
+        rank = self._rank()
+        active = self.active.cpu()
+        vl, rk = valid_loss.double().cpu(), rank.double().cpu()
+        better_loss = active & (vl <= self.best["valid_loss"])
+        better_rank = active & (rk <= self.best["homology_rank"])
+        self.best["valid_loss"] = torch.where(better_loss, vl, self.best["valid_loss"])
+        self.best["homology_rank"] = torch.where(better_rank, rk, self.best["homology_rank"])
+        self._snapshot("best_valid", better_loss)
+        self._snapshot("best_rank", better_rank)
+        self._snapshot("last", active)
+        a = active.numpy()
+        self.best_epoch["best_valid"][better_loss.numpy()] = self.epoch
+        self.best_epoch["best_rank"][better_rank.numpy()] = self.epoch
+        self.best_epoch["last"][a] = self.epoch
+        self.epochs_run[a] += 1
+        self.stale[better_loss.numpy()] = 0
+        self.stale[a & ~better_loss.numpy()] += 1
+        metrics = pd.DataFrame(
+            {
+                "epoch": self.epoch,
+                "replicate": np.arange(self.cfg.replicates),
+                "train_loss": train_loss.cpu().numpy(),
+                "train_acc": train_acc.cpu().numpy(),
+                "valid_loss": valid_loss.cpu().numpy(),
+                "valid_acc": valid_acc.cpu().numpy(),
+                "homology_rank": rk.numpy(),
+                "lr": lr,
+            }
+        )[a].reset_index(drop=True)
+        self.rows.append(metrics)
+        stop = torch.from_numpy(self.stale >= self.cfg.patience)
+        self.active &= ~stop.to(self.device)
+        self.scheduler.step()
+        self.epoch += 1
+        return metrics
+
+    def result(self) -> TrainResult:
+        history = pd.concat(self.rows, ignore_index=True)
+        chosen = {kind: self.best_epoch[kind] for kind in CHECKPOINTS}
+        summary = pd.DataFrame(
+            {
+                "replicate": np.arange(self.cfg.replicates),
+                "seed": self.seeds,
+                "best_valid_loss": self.best["valid_loss"].numpy(),
+                "best_homology_rank": self.best["homology_rank"].numpy(),
+                "best_valid_epoch": chosen["best_valid"],
+                "best_rank_epoch": chosen["best_rank"],
+                "epochs_run": self.epochs_run,
+                "early_stopped": self.stale >= self.cfg.patience,
+                "n_train_rows": [len(t) for t in self.train_idx],
+                "n_valid_rows": self.valid_mask.sum(dim=1).cpu().numpy(),
+            }
+        )
+        valid_acc_at_best = history.merge(
+            summary[["replicate", "best_valid_epoch"]].rename(columns={"best_valid_epoch": "epoch"}), on=["replicate", "epoch"]
+        ).set_index("replicate")["valid_acc"]
+        summary["best_valid_acc"] = summary["replicate"].map(valid_acc_at_best)
+        return TrainResult(
+            regions=self.train_set.regions,
+            genes=self.train_set.genes,
+            checkpoints={k: {n: t.cpu() for n, t in v.items()} for k, v in self.snapshots.items()},
+            checkpoint_epochs=chosen,
+            scaler_mean=self.mean.cpu(),
+            scaler_std=self.std.cpu(),
+            history=history,
+            summary=summary,
+            shapes={
+                "rows": int(self.X.shape[0]),
+                "genes": int(self.X.shape[1]),
+                "regions": len(self.train_set.regions),
+                "samples": self.train_set.n_samples,
+            },
+        )
+
+
+def train(
+    train_set: TrainingSet,
+    inputs: PartitionInputs,
+    settings: PartitionSettings,
+    device: torch.device,
+    sink: TrainingSink | None = None,
+) -> TrainResult:
+    """Train all replicates of one partition on one training set."""
+    sink = sink or NullSink()
+    trainer = Trainer(train_set, inputs, settings, device)
+    while not trainer.done:
+        sink.on_epoch(trainer.epoch, trainer.step_epoch())
+    return trainer.result()

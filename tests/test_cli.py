@@ -1,0 +1,81 @@
+"""The CLI end to end on tiny real files, without tracking."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+from typer.testing import CliRunner
+
+from conftest import make_tiny
+from transdnn.cli import app
+
+runner = CliRunner()
+
+
+def test_train_then_embed_writes_the_reference_layout(params: Path, tmp_path: Path):
+    result = runner.invoke(app, ["train", "cortex", "--params", str(params), "--no-track", "--max-epochs", "12"])
+    assert result.exit_code == 0, result.stderr
+    assert "cortex/Integrated_dataset_0: 2 replicates" in result.stdout
+    result = runner.invoke(app, ["embed", "cortex", "--params", str(params), "--no-track"])
+    assert result.exit_code == 0, result.stderr
+    root = tmp_path / "runs" / "cortex" / "Integrated_dataset_0"
+    human = pd.read_csv(root / "embed" / "replicate_0" / "human_embedding.csv", index_col=0)
+    mouse = pd.read_csv(root / "embed" / "replicate_1" / "mouse_embedding.csv", index_col=0)
+    assert human.shape == (6, 32) and mouse.shape == (5, 32)
+    assert human.index.name == "region_id" and list(human.columns[:2]) == ["1", "2"]
+    metrics = json.loads((root / "metrics.json").read_text())
+    assert set(metrics["homology_rank"]) == {"0", "1"}
+    for key in ("homology_rank_mean", "homology_rank_consensus", "raw_homology_rank"):
+        assert key in metrics
+    # the tiny world plants a perfect homology on half the genes: a trained model finds it
+    assert metrics["homology_rank_consensus"] <= 1.5
+    corr = pd.read_csv(root / "embed" / "consensus_correlation.csv", index_col=0)
+    assert corr.shape == (6, 5)
+    assert not list(root.rglob("*.tmp")), "no temporary files may remain"
+
+
+def test_embed_checkpoint_choice_changes_weights(params: Path, tmp_path: Path):
+    assert runner.invoke(app, ["train", "cortex", "--params", str(params), "--no-track"]).exit_code == 0
+    for kind in ("best_valid", "best_rank", "last"):
+        result = runner.invoke(app, ["embed", "cortex", "--params", str(params), "--no-track", "--checkpoint", kind])
+        assert result.exit_code == 0, result.stderr
+        metrics = json.loads((tmp_path / "runs" / "cortex" / "Integrated_dataset_0" / "metrics.json").read_text())
+        assert metrics["checkpoint"] == kind
+
+
+def test_independent_test_writes_predictions_and_confusion(params: Path, tmp_path: Path):
+    held_out = make_tiny(tmp_path / "heldout", seed=1, other=0)
+    result = runner.invoke(
+        app, ["test", "subcortex", "--params", str(params), "--test", str(held_out.train), "--max-epochs", "25"]
+    )
+    assert result.exit_code == 0, result.stderr
+    folder = tmp_path / "runs" / "subcortex" / "Integrated_dataset_0" / "independent_test"
+    conf = pd.read_csv(folder / "replicate_0" / "confusion_matrix.csv", index_col=0)
+    assert conf.shape == (6, 6)
+    assert conf.sum(axis=1).round(6).eq(1).all()
+    report = json.loads((folder / "test_metrics.json").read_text())
+    assert report["accuracy_mean"] > 0.9
+
+
+def test_synth_is_deterministic_by_seed(tmp_path: Path, params: Path):
+    import anndata as ad
+
+    args = ["synth", "--params", str(params), "--samples-per-region", "2", "--cells-per-sample", "1"]
+    assert runner.invoke(app, [*args, "--out", str(tmp_path / "a")]).exit_code == 0
+    assert runner.invoke(app, [*args, "--out", str(tmp_path / "b")]).exit_code == 0
+    a = ad.read_h5ad(tmp_path / "a" / "subcortex" / "integrated" / "Integrated_dataset_0.h5ad")
+    b = ad.read_h5ad(tmp_path / "b" / "subcortex" / "integrated" / "Integrated_dataset_0.h5ad")
+    assert (a.X == b.X).all()
+    assert a.obs.region_index.str.startswith("other_").any()
+    homo = pd.read_csv(tmp_path / "a" / "cortex" / "homo_cortex.csv", index_col=0)
+    assert len(homo) == 41 and list(homo.columns) == ["human_region", "mouse_region"]
+    genes = pd.read_csv(tmp_path / "a" / "subcortex" / "common_stable_genes_subcortex.csv")
+    assert len(genes) == 5063
+
+
+def test_help_lists_every_command():
+    result = runner.invoke(app, ["--help"])
+    for cmd in ("synth", "validate", "train", "embed", "test", "promote", "registry"):
+        assert cmd in result.stdout

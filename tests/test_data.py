@@ -1,0 +1,234 @@
+"""Data contract: good inputs load correctly; every bad input gives exit 2, one line naming the file
+and the expectation, no traceback, and leaves no output behind."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from conftest import TinyData, make_tiny, tiny_params, write_h5ad
+from transdnn.cli import app
+from transdnn.data import load_partition_inputs, load_training_set, read_gene_list
+
+runner = CliRunner()
+
+
+def test_training_set_drops_other_rows_and_orders_genes_like_the_list(tiny: TinyData):
+    genes = read_gene_list(tiny.genes)
+    ts = load_training_set(tiny.train, genes)
+    assert ts.X.shape == (6 * 4 * 12, 40)
+    assert ts.regions == ["hA", "hB", "hC", "hD", "hE", "hF"]
+    assert ts.n_samples == 24
+    assert ts.genes == genes.genes
+    # the gene list is reversed: column 0 of X is the data's last gene
+    import anndata as ad
+
+    raw = ad.read_h5ad(tiny.train)
+    labelled = ~raw.obs["region_index"].str.startswith("other").to_numpy()
+    assert np.allclose(ts.X[:, 0], raw.X[labelled, -1])
+
+
+def test_sparse_input_gives_the_same_matrix(tmp_path: Path):
+    dense = make_tiny(tmp_path / "d")
+    sparse = make_tiny(tmp_path / "s", sparse=True)
+    genes = read_gene_list(dense.genes)
+    assert np.array_equal(load_training_set(dense.train, genes).X, load_training_set(sparse.train, genes).X)
+
+
+def test_transform_sets_are_averaged_per_region(tiny: TinyData):
+    inputs = load_partition_inputs(tiny.human, tiny.mouse, tiny.genes, tiny.homology)
+    import anndata as ad
+
+    raw = ad.read_h5ad(tiny.human)
+    first = raw.X[:3][:, ::-1].mean(axis=0)
+    assert inputs.human.regions == ["hA", "hB", "hC", "hD", "hE", "hF"]
+    assert np.allclose(inputs.human.means[0], first, atol=1e-6)
+
+
+def _snapshot(root: Path) -> dict[str, float]:
+    return {str(p): p.stat().st_mtime for p in root.rglob("*")} if root.exists() else {}
+
+
+def _rewrite(path: Path, mutate: Callable[[pd.DataFrame, np.ndarray], tuple[pd.DataFrame, np.ndarray, list[str]]]) -> None:
+    import anndata as ad
+
+    a = ad.read_h5ad(path)
+    obs, X, genes = mutate(a.obs.reset_index(drop=True), np.asarray(a.X).copy())
+    write_h5ad(path, X, obs["region_index"].tolist(), genes)
+
+
+def _genes(d: TinyData) -> list[str]:
+    return d.gene_names
+
+
+CASES: dict[str, tuple[Callable[[TinyData], Path], str]] = {
+    "missing file": (lambda d: (d.train.unlink(), d.train)[1], "file not found"),
+    "not hdf5": (lambda d: (d.train.write_text("region_index,a\n"), d.train)[1], "not an HDF5 file"),
+    "truncated h5ad": (lambda d: (d.train.write_bytes(d.train.read_bytes()[:3000]), d.train)[1], "expected"),
+    "no region_index": (
+        lambda d: (_rewrite_no_obs(d.train), d.train)[1],
+        "obs['region_index'] missing",
+    ),
+    "no sampleK token": (
+        lambda d: (
+            _rewrite(
+                d.train,
+                lambda o, X: (o.assign(region_index=o.region_index.str.replace("_sample", "_s", regex=False)), X, _genes(d)),
+            ),
+            d.train,
+        )[1],
+        "sampleK",
+    ),
+    "all other": (
+        lambda d: (
+            _rewrite(d.train, lambda o, X: (o.assign(region_index="other_sample1_" + o.index.astype(str)), X, _genes(d))),
+            d.train,
+        )[1],
+        "only 'other' rows",
+    ),
+    "genes absent": (
+        lambda d: (pd.DataFrame({"genes": [*d.gene_names, "NOPE1", "NOPE2"]}).to_csv(d.genes, index=False), d.human)[1],
+        "lacks 2 of 42 genes",
+    ),
+    "duplicated genes in data": (
+        lambda d: (_rewrite(d.train, lambda o, X: (o, X, ["gene0", *d.gene_names[1:-1], "gene0"])), d.train)[1],
+        "duplicated genes",
+    ),
+    "duplicated genes in list": (
+        lambda d: (pd.DataFrame({"genes": [*d.gene_names, "gene3"]}).to_csv(d.genes, index=False), d.genes)[1],
+        "duplicated genes",
+    ),
+    "nan values": (lambda d: (_rewrite(d.train, lambda o, X: (o, _poke(X, np.nan), _genes(d))), d.train)[1], "NaN or inf"),
+    "inf values": (lambda d: (_rewrite(d.train, lambda o, X: (o, _poke(X, np.inf), _genes(d))), d.train)[1], "NaN or inf"),
+    "empty gene list": (lambda d: (d.genes.write_text("genes\n"), d.genes)[1], "is empty"),
+    "region with one sample": (
+        lambda d: (
+            _rewrite(
+                d.train,
+                lambda o, X: (
+                    o.assign(region_index=o.region_index.str.replace(r"^hF_sample\d+", "hF_sample0", regex=True)),
+                    X,
+                    _genes(d),
+                ),
+            ),
+            d.train,
+        )[1],
+        "fewer than 2 samples",
+    ),
+    "homology region absent from transform set": (
+        lambda d: (pd.DataFrame({"human_region": ["hA", "hB"], "mouse_region": ["mA", "mZZ"]}).to_csv(d.homology), d.homology)[1],
+        "'mZZ'",
+    ),
+    "mouse data passed as human": (
+        lambda d: (d.human.write_bytes(d.mouse.read_bytes()), d.homology)[1],
+        "expected the human transform set",
+    ),
+}
+
+
+def _poke(X: np.ndarray, value: float) -> np.ndarray:
+    X[3, 5] = value
+    return X
+
+
+def _rewrite_no_obs(path: Path) -> None:
+    import anndata as ad
+
+    a = ad.read_h5ad(path)
+    a.obs = a.obs.drop(columns="region_index")
+    a.write_h5ad(path)
+
+
+def _run_bad(tmp_path: Path, args: list[str]) -> tuple[int, str]:
+    out = tmp_path / "runs"
+    before = _snapshot(out)
+    result = runner.invoke(app, args)
+    assert _snapshot(out) == before, "a rejected input must leave no output behind"
+    return result.exit_code, result.stderr
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_exits_2_with_one_line(case: str, tmp_path: Path, tiny: TinyData, params: Path):
+    breaker, expected = CASES[case]
+    named = breaker(tiny)
+    code, err = _run_bad(tmp_path, ["train", "cortex", "--params", str(params), "--no-track"])
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    assert named.name in lines[0]
+    assert expected in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (lambda p: p["cortex"]["train"].update(learning_rat=1.0), "cortex.train.learning_rat"),
+        (lambda p: p["cortex"]["train"].update(max_epochs="many"), "cortex.train.max_epochs"),
+        (lambda p: p["cortex"]["train"].update(replicates=-3), "cortex.train.replicates"),
+        (lambda p: p.update(extra_section={}), "extra_section"),
+    ],
+    ids=["unknown key", "wrong type", "negative value", "unknown section"],
+)
+def test_bad_params_exit_2(edit, expected: str, tmp_path: Path, params: Path):
+    raw = yaml.safe_load(params.read_text())
+    edit(raw)
+    params.write_text(yaml.safe_dump(raw))
+    code, err = _run_bad(tmp_path, ["train", "cortex", "--params", str(params), "--no-track"])
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1
+    assert "params.yaml" in err and expected in err
+
+
+def test_cuda_without_gpu_exits_2(tmp_path: Path, params: Path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    code, err = _run_bad(tmp_path, ["train", "cortex", "--params", str(params), "--no-track", "--device", "cuda"])
+    assert code == 2 and "no CUDA GPU" in err
+
+
+def test_negative_cli_override_exits_2(tmp_path: Path, params: Path):
+    code, err = _run_bad(tmp_path, ["train", "cortex", "--params", str(params), "--no-track", "--replicates", "0"])
+    assert code == 2 and "replicates" in err
+
+
+def test_checkpoint_never_written_exits_2(tmp_path: Path, params: Path):
+    code, err = _run_bad(tmp_path, ["embed", "cortex", "--params", str(params), "--no-track", "--checkpoint", "best_rank"])
+    assert code == 2 and "best_rank" in err and "never written" in err
+
+
+def test_output_sizes_are_checked_against_params(tmp_path: Path, params: Path):
+    raw = yaml.safe_load(params.read_text())
+    raw["cortex"]["model"]["input_units"] = 4542
+    params.write_text(yaml.safe_dump(raw))
+    code, err = _run_bad(tmp_path, ["train", "cortex", "--params", str(params), "--no-track"])
+    assert code == 2 and "input_units=40" in err and "model.input_units=4542" in err
+
+
+def test_params_file_missing_exits_2(tmp_path: Path):
+    code, err = _run_bad(tmp_path, ["train", "cortex", "--params", str(tmp_path / "nope.yaml")])
+    assert code == 2 and "nope.yaml" in err
+
+
+def test_valid_inputs_pass_validate(params: Path, tiny: TinyData):
+    result = runner.invoke(app, ["validate", "cortex", "--params", str(params)])
+    assert result.exit_code == 0, result.stderr
+    assert "rows 288" in result.stdout and "regions 6" in result.stdout
+
+
+def test_tiny_params_are_the_project_params(params: Path, tiny: TinyData, tmp_path: Path):
+    # guards the fixture: everything but the tiny overrides comes from the project's params.yaml
+    raw = yaml.safe_load(params.read_text())
+    assert (
+        raw["cortex"]["train"]["patience"]
+        == yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())["cortex"]["train"]["patience"]
+    )
+    assert tiny_params(tmp_path / "p2.yaml", tiny, tmp_path / "r").exists()

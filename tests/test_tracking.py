@@ -1,0 +1,134 @@
+"""MLflow tracking and the registry against a real (hermetic) SQLite store; no mocks of MLflow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from conftest import TinyData
+from transdnn.cli import app
+from transdnn.data import load_partition_inputs
+
+runner = CliRunner()
+
+
+def _ok(args: list[str]) -> str:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.stderr + result.stdout
+    return result.stdout
+
+
+def _train_embed(params: Path, *extra: str) -> str:
+    _ok(["train", "cortex", "--params", str(params), *extra])
+    _ok(["embed", "cortex", "--params", str(params)])
+    return json.loads((params.parent / "runs" / "cortex" / "Integrated_dataset_0" / "train.json").read_text())["run_id"]
+
+
+def test_runs_children_metrics_and_inputs(params: Path, tracking_uri: str):
+    run_id = _train_embed(params, "--max-epochs", "4")
+    client = MlflowClient(tracking_uri)
+    parent = client.get_run(run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["partition"] == "cortex" and parent.data.tags["dataset"] == "Integrated_dataset_0"
+    assert parent.data.params["rows"] == "288" and parent.data.params["genes"] == "40" and parent.data.params["regions"] == "6"
+    assert parent.data.params["train.max_epochs"] == "4" and "git_commit" in parent.data.params
+    inputs = {i.dataset.name.split(":")[0]: i.dataset for i in parent.inputs.dataset_inputs}
+    assert set(inputs) == {"train", "human", "mouse", "genes", "homology"}
+    assert len(inputs["train"].digest) == 32
+    kids = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
+    assert len(kids) == 2
+    for kid in kids:
+        assert kid.info.status == "FINISHED"
+        assert {"partition", "replicate", "seed"} <= set(kid.data.tags)
+        epochs = int(kid.data.metrics["epochs_run"])
+        for key in ("train_loss", "valid_loss", "valid_acc", "homology_rank", "lr"):
+            history = client.get_metric_history(kid.info.run_id, key)
+            assert [m.step for m in history] == list(range(epochs))
+        arts = {a.path for a in client.list_artifacts(kid.info.run_id, "embedding")}
+        assert "embedding/human_embedding.csv" in arts
+    parent_arts = {a.path for a in client.list_artifacts(run_id, "embedding")}
+    assert {"embedding/metrics.json", "embedding/consensus_heatmap.png", "embedding/consensus_correlation.csv"} <= parent_arts
+
+
+def test_promote_champion_loads_and_reproduces_run_embeddings(params: Path, tracking_uri: str, tiny: TinyData, tmp_path: Path):
+    run_id = _train_embed(params)
+    out = _ok(["promote", "cortex", "--params", str(params)])
+    assert "promoted version" in out
+    client = MlflowClient(tracking_uri)
+    champion = client.get_model_version_by_alias("transdnn-cortex", "champion")
+    assert champion.tags["partition"] == "cortex" and "promotion_reason" in champion.tags
+    n_versions = len(client.search_model_versions("name='transdnn-cortex'"))
+    # promote again: nothing changes
+    assert "already champion" in _ok(["promote", "cortex", "--params", str(params)])
+    assert len(client.search_model_versions("name='transdnn-cortex'")) == n_versions
+    assert client.get_model_version_by_alias("transdnn-cortex", "champion").version == champion.version
+
+    model = mlflow.pyfunc.load_model("models:/transdnn-cortex@champion")
+    inputs = load_partition_inputs(tiny.human, tiny.mouse, tiny.genes, tiny.homology)
+    frame = pd.DataFrame(inputs.human.means, columns=inputs.genes.genes, index=inputs.human.regions)
+    frame = frame[frame.columns[::-1]].assign(extra_column=1.0)  # any order, extra columns ignored
+    predicted = model.predict(frame)
+    replicate = champion.tags["replicate"]
+    stored = Path(
+        mlflow.artifacts.download_artifacts(
+            run_id=champion.run_id, artifact_path="embedding/human_embedding.csv", dst_path=str(tmp_path / "dl")
+        )
+    )
+    expected = pd.read_csv(stored, index_col=0)
+    assert np.allclose(predicted.to_numpy(), expected.to_numpy(), atol=1e-5)
+    assert (
+        tmp_path / "runs" / "cortex" / "Integrated_dataset_0" / "embed" / f"replicate_{replicate}" / "human_embedding.csv"
+    ).is_file()
+    proba = model.predict(frame, params={"output": "proba"})
+    assert np.allclose(proba.sum(axis=1), 1, atol=1e-5)
+    with pytest.raises(Exception, match="missing inputs"):
+        model.predict(frame.drop(columns=inputs.genes.genes[:2]))
+
+    shown = _ok(["registry", "show", "cortex", "--params", str(params)])
+    assert "models:/transdnn-cortex@champion" in shown and run_id not in shown  # versions point at child runs
+
+    _ok(["embed", "cortex", "--params", str(params), "--model", "models:/transdnn-cortex@champion"])
+    via_registry = pd.read_csv(
+        tmp_path / "runs" / "cortex" / "registry" / "embed" / "replicate_0" / "human_embedding.csv", index_col=0
+    )
+    assert np.allclose(via_registry.to_numpy(), expected.to_numpy(), atol=1e-5)
+
+
+def test_second_training_moves_champion_and_keeps_previous(params: Path, tracking_uri: str):
+    _train_embed(params, "--seed", "1")
+    _ok(["promote", "cortex", "--params", str(params)])
+    first = MlflowClient(tracking_uri).get_model_version_by_alias("transdnn-cortex", "champion").version
+    _train_embed(params, "--seed", "2", "--max-epochs", "1")
+    out = _ok(["promote", "cortex", "--params", str(params), "--require-better"])
+    client = MlflowClient(tracking_uri)
+    if "does not beat" in out:
+        assert client.get_model_version_by_alias("transdnn-cortex", "champion").version == first
+    _ok(["promote", "cortex", "--params", str(params)])
+    assert client.get_model_version_by_alias("transdnn-cortex", "champion").version != first
+    assert client.get_model_version_by_alias("transdnn-cortex", "previous").version == first
+
+
+def test_failed_training_ends_runs_failed(params: Path, tracking_uri: str, monkeypatch: pytest.MonkeyPatch):
+    import transdnn.jobs
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(transdnn.jobs, "train", explode)
+    result = runner.invoke(app, ["train", "cortex", "--params", str(params)])
+    assert result.exit_code != 0
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("transdnn").experiment_id])
+    assert runs and {r.info.status for r in runs} == {"FAILED"}
+
+
+def test_promote_without_training_exits_2(params: Path, tracking_uri: str):
+    result = runner.invoke(app, ["promote", "subcortex", "--params", str(params)])
+    assert result.exit_code == 2 and "no finished training run" in result.stderr

@@ -1,0 +1,100 @@
+"""Training loop semantics on tiny real files: seeds, early stopping, validation coverage, checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TinyData
+from transdnn.data import load_partition_inputs, load_training_set
+from transdnn.settings import load_settings, override
+from transdnn.training import Trainer, resolve_device, train
+
+
+def _setup(params: Path, tiny: TinyData, **train_overrides):
+    part = override(load_settings(params).cortex, "train", **train_overrides)
+    inputs = load_partition_inputs(tiny.human, tiny.mouse, tiny.genes, tiny.homology)
+    return part, inputs, load_training_set(tiny.train, inputs.genes)
+
+
+def test_same_seed_same_weights_and_history(params: Path, tiny: TinyData):
+    part, inputs, ts = _setup(params, tiny)
+    a = train(ts, inputs, part, torch.device("cpu"))
+    b = train(ts, inputs, part, torch.device("cpu"))
+    for kind in a.checkpoints:
+        for name, t in a.checkpoints[kind].items():
+            assert torch.equal(t, b.checkpoints[kind][name]), (kind, name)
+    assert a.history.equals(b.history)
+    c = train(ts, inputs, override(part, "train", seed=7), torch.device("cpu"))
+    assert not torch.equal(a.checkpoints["last"]["weights.0"], c.checkpoints["last"]["weights.0"])
+
+
+def test_replicates_differ_and_every_validation_row_is_scored(params: Path, tiny: TinyData):
+    part, inputs, ts = _setup(params, tiny, replicates=3)
+    trainer = Trainer(ts, inputs, part, torch.device("cpu"))
+    n_valid = trainer.valid_mask.sum(dim=1)
+    # 4 samples/region -> max(1, round(0.4)) = 1 sample of 12 cells per region, 6 regions
+    assert n_valid.tolist() == [72, 72, 72]
+    for r in range(3):
+        valid_rows = trainer.valid_idx[r][trainer.valid_mask[r]].numpy()
+        train_rows = trainer.train_idx[r].numpy()
+        assert not set(ts.row_sample[valid_rows]) & set(ts.row_sample[train_rows])
+    assert not torch.equal(trainer.model.weights[0][0], trainer.model.weights[0][1])
+
+
+def test_early_stopping_fires_after_patience_without_improvement(params: Path, tiny: TinyData):
+    # a learning rate this high diverges: validation loss stops improving and patience ends training
+    part, inputs, ts = _setup(params, tiny, learning_rate=5.0, max_epochs=40, patience=2)
+    result = train(ts, inputs, part, torch.device("cpu"))
+    assert result.summary["early_stopped"].all()
+    assert (result.summary["epochs_run"] < 40).all()
+    # the best-validation checkpoint always exists (the tracker starts at +inf)
+    assert (result.summary["best_valid_epoch"] >= 0).all()
+    for r, row in result.summary.iterrows():
+        hist = result.history[result.history.replicate == r]
+        assert len(hist) == row.epochs_run
+        assert row.best_valid_loss == pytest.approx(hist.valid_loss.min(), rel=1e-6)
+
+
+def test_stopped_replicates_keep_their_last_weights(params: Path, tiny: TinyData):
+    part, inputs, ts = _setup(params, tiny, learning_rate=5.0, max_epochs=40, patience=1, replicates=2)
+    trainer = Trainer(ts, inputs, part, torch.device("cpu"))
+    while not trainer.done:
+        trainer.step_epoch()
+        if not bool(trainer.active.all()) and bool(trainer.active.any()):
+            r = int((~trainer.active).nonzero()[0])
+            frozen = trainer.model.weights[0][r].detach().clone()
+            trainer.step_epoch()
+            assert torch.equal(trainer.model.weights[0][r], frozen)
+            break
+
+
+def test_shuffled_labels_do_not_learn(params: Path, tiny: TinyData):
+    part, inputs, ts = _setup(params, tiny, max_epochs=15)
+    real = train(ts, inputs, part, torch.device("cpu"))
+    shuffled = train(ts, inputs, override(part, "train", shuffle_labels=True), torch.device("cpu"))
+    assert real.summary.best_valid_acc.mean() > 0.9
+    assert shuffled.summary.best_valid_acc.mean() < 0.5
+
+
+def test_validation_smaller_than_a_batch_is_fine(params: Path, tiny: TinyData):
+    part, inputs, ts = _setup(params, tiny, batch_size=256, max_epochs=2)
+    result = train(ts, inputs, part, torch.device("cpu"))
+    assert np.isfinite(result.history.valid_loss).all()
+
+
+def test_resolve_device():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu_closely(params: Path, tiny: TinyData):
+    part, inputs, ts = _setup(params, tiny)
+    cpu = train(ts, inputs, part, torch.device("cpu"))
+    gpu = train(ts, inputs, part, torch.device("cuda"))
+    assert np.allclose(cpu.history.valid_loss, gpu.history.valid_loss, rtol=1e-3, atol=1e-3)

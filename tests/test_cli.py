@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pandas as pd
+from conftest import make_tiny
 from typer.testing import CliRunner
 
-from conftest import make_tiny
 from transdnn.cli import app
 
 runner = CliRunner()
@@ -20,9 +20,9 @@ def test_train_then_embed_writes_the_reference_layout(params: Path, tmp_path: Pa
     assert "cortex/Integrated_dataset_0: 2 replicates" in result.stdout
     result = runner.invoke(app, ["embed", "cortex", "--params", str(params), "--no-track"])
     assert result.exit_code == 0, result.stderr
-    root = tmp_path / "runs" / "cortex" / "Integrated_dataset_0"
-    human = pd.read_csv(root / "embed" / "replicate_0" / "human_embedding.csv", index_col=0)
-    mouse = pd.read_csv(root / "embed" / "replicate_1" / "mouse_embedding.csv", index_col=0)
+    root = tmp_path / "runs" / "cortex" / "embed" / "Integrated_dataset_0"
+    human = pd.read_csv(root / "replicate_0" / "human_embedding.csv", index_col=0)
+    mouse = pd.read_csv(root / "replicate_1" / "mouse_embedding.csv", index_col=0)
     assert human.shape == (6, 32) and mouse.shape == (5, 32)
     assert human.index.name == "region_id" and list(human.columns[:2]) == ["1", "2"]
     metrics = json.loads((root / "metrics.json").read_text())
@@ -31,9 +31,9 @@ def test_train_then_embed_writes_the_reference_layout(params: Path, tmp_path: Pa
         assert key in metrics
     # the tiny world plants a perfect homology on half the genes: a trained model finds it
     assert metrics["homology_rank_consensus"] <= 1.5
-    corr = pd.read_csv(root / "embed" / "consensus_correlation.csv", index_col=0)
+    corr = pd.read_csv(root / "consensus_correlation.csv", index_col=0)
     assert corr.shape == (6, 5)
-    assert not list(root.rglob("*.tmp")), "no temporary files may remain"
+    assert not list((tmp_path / "runs").rglob("*.tmp")), "no temporary files may remain"
 
 
 def test_embed_checkpoint_choice_changes_weights(params: Path, tmp_path: Path):
@@ -41,7 +41,7 @@ def test_embed_checkpoint_choice_changes_weights(params: Path, tmp_path: Path):
     for kind in ("best_valid", "best_rank", "last"):
         result = runner.invoke(app, ["embed", "cortex", "--params", str(params), "--no-track", "--checkpoint", kind])
         assert result.exit_code == 0, result.stderr
-        metrics = json.loads((tmp_path / "runs" / "cortex" / "Integrated_dataset_0" / "metrics.json").read_text())
+        metrics = json.loads((tmp_path / "runs" / "cortex" / "metrics.json").read_text())["Integrated_dataset_0"]
         assert metrics["checkpoint"] == kind
 
 
@@ -51,7 +51,7 @@ def test_independent_test_writes_predictions_and_confusion(params: Path, tmp_pat
         app, ["test", "subcortex", "--params", str(params), "--test", str(held_out.train), "--max-epochs", "25"]
     )
     assert result.exit_code == 0, result.stderr
-    folder = tmp_path / "runs" / "subcortex" / "Integrated_dataset_0" / "independent_test"
+    folder = tmp_path / "runs" / "subcortex" / "independent_test" / "report" / "Integrated_dataset_0"
     conf = pd.read_csv(folder / "replicate_0" / "confusion_matrix.csv", index_col=0)
     assert conf.shape == (6, 6)
     assert conf.sum(axis=1).round(6).eq(1).all()

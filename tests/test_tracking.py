@@ -9,10 +9,10 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import TinyData
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from conftest import TinyData
 from transdnn.cli import app
 from transdnn.data import load_partition_inputs
 
@@ -28,7 +28,7 @@ def _ok(args: list[str]) -> str:
 def _train_embed(params: Path, *extra: str) -> str:
     _ok(["train", "cortex", "--params", str(params), *extra])
     _ok(["embed", "cortex", "--params", str(params)])
-    return json.loads((params.parent / "runs" / "cortex" / "Integrated_dataset_0" / "train.json").read_text())["run_id"]
+    return json.loads((params.parent / "runs" / "cortex" / "train" / "Integrated_dataset_0" / "train.json").read_text())["run_id"]
 
 
 def test_runs_children_metrics_and_inputs(params: Path, tracking_uri: str):
@@ -84,7 +84,7 @@ def test_promote_champion_loads_and_reproduces_run_embeddings(params: Path, trac
     expected = pd.read_csv(stored, index_col=0)
     assert np.allclose(predicted.to_numpy(), expected.to_numpy(), atol=1e-5)
     assert (
-        tmp_path / "runs" / "cortex" / "Integrated_dataset_0" / "embed" / f"replicate_{replicate}" / "human_embedding.csv"
+        tmp_path / "runs" / "cortex" / "embed" / "Integrated_dataset_0" / f"replicate_{replicate}" / "human_embedding.csv"
     ).is_file()
     proba = model.predict(frame, params={"output": "proba"})
     assert np.allclose(proba.sum(axis=1), 1, atol=1e-5)
@@ -96,7 +96,7 @@ def test_promote_champion_loads_and_reproduces_run_embeddings(params: Path, trac
 
     _ok(["embed", "cortex", "--params", str(params), "--model", "models:/transdnn-cortex@champion"])
     via_registry = pd.read_csv(
-        tmp_path / "runs" / "cortex" / "registry" / "embed" / "replicate_0" / "human_embedding.csv", index_col=0
+        tmp_path / "runs" / "cortex" / "registry" / "embed" / "champion" / "replicate_0" / "human_embedding.csv", index_col=0
     )
     assert np.allclose(via_registry.to_numpy(), expected.to_numpy(), atol=1e-5)
 

@@ -22,7 +22,11 @@ from transdnn.settings import CHECKPOINTS
 
 @dataclass(frozen=True)
 class RunLayout:
-    """Output folders of one partition and training set: `<out>/<dataset>/...`."""
+    """Output folders of one partition and training set.
+
+    Training, history and embedding live in separate trees (`<out>/train/<dataset>`,
+    `<out>/history/<dataset>`, `<out>/embed/<dataset>`) so each DVC stage owns whole folders.
+    """
 
     out: Path
     dataset: str
@@ -32,41 +36,42 @@ class RunLayout:
         return cls(Path(out), Path(train_file).stem)
 
     @property
-    def root(self) -> Path:
-        return self.out / self.dataset
+    def train_root(self) -> Path:
+        return self.out / "train" / self.dataset
 
     def checkpoint(self, kind: str) -> Path:
-        return self.root / "checkpoints" / f"{kind}.pt"
+        return self.train_root / "checkpoints" / f"{kind}.pt"
 
     @property
     def model_meta(self) -> Path:
-        return self.root / "checkpoints" / "model.json"
-
-    @property
-    def history_dir(self) -> Path:
-        return self.root / "history"
-
-    def history(self, replicate: int) -> Path:
-        return self.history_dir / f"replicate_{replicate}.csv"
+        return self.train_root / "checkpoints" / "model.json"
 
     @property
     def summary(self) -> Path:
-        return self.root / "train_summary.csv"
+        return self.train_root / "train_summary.csv"
 
     @property
     def train_info(self) -> Path:
-        return self.root / "train.json"
+        return self.train_root / "train.json"
+
+    def history(self, replicate: int) -> Path:
+        return self.out / "history" / self.dataset / f"replicate_{replicate}.csv"
 
     @property
     def embed_dir(self) -> Path:
-        return self.root / "embed"
+        return self.out / "embed" / self.dataset
 
     def replicate_dir(self, replicate: int) -> Path:
         return self.embed_dir / f"replicate_{replicate}"
 
     @property
     def metrics(self) -> Path:
-        return self.root / "metrics.json"
+        return self.embed_dir / "metrics.json"
+
+    @property
+    def partition_metrics(self) -> Path:
+        """All training sets' metrics of the partition in one file (DVC's `metrics:`)."""
+        return self.out / "metrics.json"
 
 
 @dataclass(frozen=True)

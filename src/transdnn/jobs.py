@@ -189,7 +189,7 @@ def embed_partition(
         if tracker is not None and run_id:
             _track_embedding(tracker.reopen(run_id), layout, emb, inputs, metrics)
         all_metrics[layout.dataset] = metrics
-    write_json(Path(part.out) / "metrics.json", all_metrics)
+    write_json(RunLayout(part.out, "").partition_metrics, all_metrics)
     return all_metrics
 
 
@@ -218,7 +218,7 @@ def embed_with_model(model: StoredModel, part: PartitionSettings, device: torch.
     inputs = load_inputs(part.data)
     emb = embed_inputs(model, inputs, device)
     metrics = embed_metrics(emb, "registry", None)
-    write_embeddings(emb, RunLayout(out, "registry"), metrics)
+    write_embeddings(emb, RunLayout(out / "registry", "champion"), metrics)
     return metrics
 
 
@@ -226,13 +226,14 @@ def test_partition(
     part: PartitionSettings, test_file: Path, device: torch.device, progress: TrainingSink | None = None
 ) -> dict[str, Any]:
     """Independent test: train on the partition's training set(s), report on a held-out labelled set."""
+    part = part.model_copy(update={"out": Path(part.out) / "independent_test"})
     outcomes = train_partition("independent", part, device, progress=progress)
     inputs = load_inputs(part.data)
     test_set = load_training_set(test_file, inputs.genes)
     report: dict[str, Any] = {}
     for outcome in outcomes:
         result = independent_test(load_model(outcome.layout, part.embed.checkpoint), test_set, device)
-        folder = outcome.layout.root / "independent_test"
+        folder = outcome.layout.out / "report" / outcome.dataset
         for r, (pred, conf) in enumerate(zip(result.predictions, result.confusion, strict=True)):
             write_csv(folder / f"replicate_{r}" / "predictions.csv", pred, index=False)
             write_csv(folder / f"replicate_{r}" / "confusion_matrix.csv", conf)

@@ -69,6 +69,10 @@ class RunLayout:
         return self.embed_dir / "metrics.json"
 
     @property
+    def promotion(self) -> Path:
+        return self.out / "promotion.json"
+
+    @property
     def partition_metrics(self) -> Path:
         """All training sets' metrics of the partition in one file (DVC's `metrics:`)."""
         return self.out / "metrics.json"

@@ -265,18 +265,20 @@ def test_cmd(
 def promote(
     partition: Partition,
     params: ParamsOpt = Path("params.yaml"),
-    run_id: Annotated[str | None, typer.Option(help="Training run to promote from (default: the latest).")] = None,
+    run_id: Annotated[
+        str | None, typer.Option(help="Training run to promote from (default: this workspace's last training).")
+    ] = None,
     require_better: Annotated[
         bool, typer.Option(help="Refuse to move the alias unless the candidate beats the champion.")
     ] = False,
 ) -> None:
     """Register a training's replicates and point the `champion` alias at the best one."""
+    from transdnn.jobs import promote_partition
     from transdnn.registry import champion_uri
-    from transdnn.registry import promote as do_promote
 
-    settings = _settings(params)
+    settings, part = _partition(params, partition)
     tracker = _tracker(settings, params, True)
-    p = _run(do_promote, partition.value, tracker.experiment_id, settings.promote.criterion, run_id, require_better)
+    p = _run(promote_partition, partition.value, part, tracker.experiment_id, settings.promote.criterion, run_id, require_better)
     verb = "promoted" if p.moved else "kept"
     typer.echo(
         f"{partition.value}: {verb} version {p.version} (replicate {p.candidate.replicate}, rank {p.candidate.rank:.2f}): {p.reason} -> {champion_uri(partition.value)}"

@@ -245,3 +245,44 @@ def test_partition(
     if not report:
         raise InputError(f"{test_file}: nothing was trained (expected at least one training set)")
     return report
+
+
+def trained_run_ids(part: PartitionSettings) -> list[str]:
+    """MLflow run ids recorded by the last `transdnn train` of this partition's outputs (train.json)."""
+    ids = []
+    for path in part.data.train_paths:
+        info = RunLayout.for_training_file(part.out, path).train_info
+        if info.is_file() and (run_id := json.loads(info.read_text()).get("run_id")):
+            ids.append(run_id)
+    return ids
+
+
+def promote_partition(
+    partition: str,
+    part: PartitionSettings,
+    experiment_id: str,
+    criterion: str,
+    run_id: str | None = None,
+    require_better: bool = False,
+) -> Any:
+    """Promote from `run_id`, else from this workspace's last training, else the latest in MLflow;
+    record the outcome in `<out>/promotion.json` (the DVC promote stage's output)."""
+    from transdnn.registry import champion_uri, promote
+
+    run_ids = [run_id] if run_id else trained_run_ids(part)
+    result = promote(partition, experiment_id, criterion, run_ids or None, require_better)
+    write_json(
+        RunLayout(part.out, "").promotion,
+        {
+            "partition": partition,
+            "version": result.version,
+            "moved": result.moved,
+            "reason": result.reason,
+            "run_id": result.candidate.run_id,
+            "replicate": result.candidate.replicate,
+            "homology_rank": result.candidate.rank,
+            "valid_loss": result.candidate.valid_loss,
+            "uri": champion_uri(partition),
+        },
+    )
+    return result

@@ -62,7 +62,15 @@ def latest_training(client: MlflowClient, experiment_id: str, partition: str) ->
     return runs[0].info.run_id
 
 
-def candidates(client: MlflowClient, run_id: str) -> list[Candidate]:
+def candidates(client: MlflowClient, run_ids: list[str]) -> list[Candidate]:
+    """Replicates with a logged model, from one or more training runs (one per training set)."""
+    out = [c for run_id in run_ids for c in _run_candidates(client, run_id)]
+    if not out:
+        raise TrackingError(f"runs {', '.join(run_ids)}: no replicate with a logged model (expected a completed training)")
+    return out
+
+
+def _run_candidates(client: MlflowClient, run_id: str) -> list[Candidate]:
     try:
         parent = client.get_run(run_id)
     except MlflowException:
@@ -82,8 +90,6 @@ def candidates(client: MlflowClient, run_id: str) -> list[Candidate]:
                 dataset=k.data.tags.get("dataset", ""),
             )
         )
-    if not out:
-        raise TrackingError(f"run {run_id}: no replicate with a logged model (expected a completed training)")
     return sorted(out, key=lambda c: c.replicate)
 
 
@@ -128,16 +134,17 @@ def _current(client: MlflowClient, name: str, alias: str) -> Any | None:
 
 
 def promote(
-    partition: str, experiment_id: str, criterion: str, run_id: str | None = None, require_better: bool = False
+    partition: str, experiment_id: str, criterion: str, run_ids: list[str] | None = None, require_better: bool = False
 ) -> Promotion:
+    """Register the replicates of `run_ids` (default: the latest training) and move `champion` to the best."""
     client = MlflowClient()
-    run_id = run_id or latest_training(client, experiment_id, partition)
-    cands = candidates(client, run_id)
+    run_ids = run_ids or [latest_training(client, experiment_id, partition)]
+    cands = candidates(client, run_ids)
     best = min(cands, key=lambda c: c.key(criterion))
     name = model_name(partition)
     _ensure_registered_model(client, name)
-    versions = {c.replicate: _version_for(client, name, c, partition) for c in cands}
-    version = versions[best.replicate]
+    versions = {c.run_id: _version_for(client, name, c, partition) for c in cands}
+    version = versions[best.run_id]
     current = _current(client, name, CHAMPION)
     if current is not None and current.version == version:
         return Promotion(version, best, False, "already champion")
@@ -149,7 +156,7 @@ def promote(
             return Promotion(
                 version, best, False, f"candidate {best.key(criterion)} does not beat champion v{current.version} {cur}"
             )
-    reason = f"lowest {criterion} among {len(cands)} replicates of run {run_id}"
+    reason = f"lowest {criterion} among {len(cands)} replicates of run(s) {', '.join(run_ids)}"
     retry(lambda: client.set_model_version_tag(name, version, "promotion_reason", reason))
     if current is not None:
         retry(lambda: client.set_registered_model_alias(name, PREVIOUS, current.version))

@@ -34,9 +34,18 @@ _MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
 _PACKAGE_DIR = Path(__file__).parent
 
 
+def project_home(project: Path) -> Path:
+    """The real project folder, also from inside a `dvc exp run --temp/--queue` copy under .dvc/tmp/exps."""
+    parts = project.resolve().parts
+    for i in range(len(parts) - 2):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return project.resolve()
+
+
 def default_uri(project: Path) -> str:
     """An absolute SQLite store in the project, so `dvc exp run --temp/--queue` records into one place."""
-    return f"sqlite:///{(project / 'mlflow.db').resolve()}"
+    return f"sqlite:///{project_home(project) / 'mlflow.db'}"
 
 
 def configure(settings: TrackingSettings, project: Path) -> str:
@@ -67,7 +76,7 @@ def ensure_experiment(name: str, project: Path) -> str:
         return found.experiment_id
     location = None
     if mlflow.get_tracking_uri().startswith("sqlite:"):
-        location = (project / "mlartifacts").resolve().as_uri()
+        location = (project_home(project) / "mlartifacts").as_uri()
     try:
         return retry(lambda: client.create_experiment(name, artifact_location=location))
     except MlflowException:

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pandas as pd
-from conftest import make_tiny
 from typer.testing import CliRunner
 
+from conftest import make_tiny
 from transdnn.cli import app
 
 runner = CliRunner()

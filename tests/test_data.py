@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import TinyData, make_tiny, tiny_params, write_h5ad
 from typer.testing import CliRunner
 
+from conftest import TinyData, make_tiny, tiny_params, write_h5ad
 from transdnn.cli import app
 from transdnn.data import load_partition_inputs, load_training_set, read_gene_list
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
 
+from conftest import REPO
 from transdnn.checkpoints import StoredModel
 from transdnn.data import check_training_regions, load_partition_inputs, load_training_set
 from transdnn.embed import embed_inputs

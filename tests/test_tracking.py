@@ -9,10 +9,10 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import TinyData
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
+from conftest import TinyData
 from transdnn.cli import app
 from transdnn.data import load_partition_inputs
 
@@ -132,3 +132,63 @@ def test_failed_training_ends_runs_failed(params: Path, tracking_uri: str, monke
 def test_promote_without_training_exits_2(params: Path, tracking_uri: str):
     result = runner.invoke(app, ["promote", "subcortex", "--params", str(params)])
     assert result.exit_code == 2 and "no finished training run" in result.stderr
+
+
+@pytest.mark.slow
+def test_two_trainings_at_once_on_sqlite_lose_nothing(params: Path, tracking_uri: str, tmp_path: Path):
+    import os
+    import subprocess
+
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    procs = [
+        subprocess.Popen(
+            ["transdnn", "train", p, "--params", str(params), "--max-epochs", "6"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for p in ("cortex", "subcortex")
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err
+    client = MlflowClient(tracking_uri)
+    assert len(client.search_experiments(filter_string="name = 'transdnn'")) == 1
+    for partition in ("cortex", "subcortex"):
+        info = json.loads((tmp_path / "runs" / partition / "train" / "Integrated_dataset_0" / "train.json").read_text())
+        kids = client.search_runs(
+            [client.get_run(info["run_id"]).info.experiment_id], f"tags.mlflow.parentRunId = '{info['run_id']}'"
+        )
+        assert len(kids) == 2
+        for kid in kids:
+            assert kid.info.status == "FINISHED"
+            epochs = int(kid.data.metrics["epochs_run"])
+            assert len(client.get_metric_history(kid.info.run_id, "valid_loss")) == epochs
+
+
+@pytest.mark.slow
+def test_two_promotes_at_once_leave_one_champion(params: Path, tracking_uri: str):
+    import os
+    import subprocess
+
+    _train_embed(params)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    procs = [
+        subprocess.Popen(
+            ["transdnn", "promote", "cortex", "--params", str(params)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    client = MlflowClient(tracking_uri)
+    versions = client.search_model_versions("name='transdnn-cortex'")
+    assert len(versions) == 2, "each replicate is registered once"
+    champions = [v for v in versions if "champion" in client.get_model_version("transdnn-cortex", v.version).aliases]
+    assert len(champions) == 1

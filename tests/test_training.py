@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TinyData
 
+from conftest import TinyData
 from transdnn.data import load_partition_inputs, load_training_set
 from transdnn.settings import load_settings, override
 from transdnn.training import Trainer, resolve_device, train

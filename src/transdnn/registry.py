@@ -6,6 +6,7 @@ in params.yaml, moves `champion` to it and keeps the former champion as `previou
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,11 +109,20 @@ def _ensure_registered_model(client: MlflowClient, name: str) -> None:
 
 
 def _version_for(client: MlflowClient, name: str, cand: Candidate, partition: str) -> str:
-    """Register a replicate once: re-running promote finds the existing version by its tags."""
-    found = client.search_model_versions(f"name='{name}' and tags.source_run_id='{cand.run_id}'")
-    if found:
-        return found[0].version
-    mv = retry(lambda: client.create_model_version(name, cand.model_uri, run_id=cand.run_id))
+    """Register a replicate once, race-free: versions are found by their run id, and if two concurrent
+    promotes both created one, both keep the lowest version and delete the other."""
+
+    def existing() -> list[Any]:
+        return retry(lambda: client.search_model_versions(f"name='{name}' and run_id='{cand.run_id}'"))
+
+    found = existing()
+    if not found:
+        retry(lambda: client.create_model_version(name, cand.model_uri, run_id=cand.run_id))
+        found = existing()
+    keep, *extra = sorted(found, key=lambda v: int(v.version))
+    for dup in extra:
+        with contextlib.suppress(MlflowException):  # the other promote may have deleted it first
+            client.delete_model_version(name, dup.version)
     tags = {
         "source_run_id": cand.run_id,
         "partition": partition,
@@ -121,9 +131,10 @@ def _version_for(client: MlflowClient, name: str, cand: Candidate, partition: st
         "chosen_homology_rank": f"{cand.rank:.4f}",
         "best_valid_loss": f"{cand.valid_loss:.4f}",
     }
-    for k, v in tags.items():
-        retry(lambda k=k, v=v: client.set_model_version_tag(name, mv.version, k, v))
-    return mv.version
+    if any(keep.tags.get(k) != v for k, v in tags.items()):
+        for k, v in tags.items():
+            retry(lambda k=k, v=v: client.set_model_version_tag(name, keep.version, k, v))
+    return keep.version
 
 
 def _current(client: MlflowClient, name: str, alias: str) -> Any | None:

@@ -127,6 +127,8 @@ class Trainer:
         for r, t in enumerate(split.train_idx):
             masks[r, t] = True
         self.mean, self.std = fit_scalers(self.X, masks.to(device))
+        self.inv_std = 1 / self.std
+        self._buffer: torch.Tensor | None = None
         labels = torch.from_numpy(train.labels)
         Y = labels.repeat(R, 1)
         if self.cfg.shuffle_labels:
@@ -139,7 +141,9 @@ class Trainer:
         self.model = StackedMLP(R, n_in, settings.model.hidden_units, n_out, settings.model.dropout, settings.model.dropout_mode)
         self.model.reset_parameters(self.seeds)
         self.model.to(device)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.learning_rate, weight_decay=self.cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=self.cfg.learning_rate, weight_decay=self.cfg.weight_decay, fused=True
+        )
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=self.cfg.lr_step, gamma=self.cfg.lr_gamma)
         self._prepare_homology(inputs)
         self.active = torch.ones(R, dtype=torch.bool, device=device)
@@ -167,7 +171,18 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
 
     def _scaled(self, idx: torch.Tensor) -> torch.Tensor:
-        return (self.X[idx] - self.mean[:, None, :]) / self.std[:, None, :]
+        """Gather rows into a reused buffer and scale them in place: no fresh large allocations per step
+        (on CPU, fresh multi-MB tensors cost page faults that rival the matmuls)."""
+        shape = (*idx.shape, self.X.shape[1])
+        if self._buffer is None or self._buffer.numel() < idx.numel() * self.X.shape[1]:
+            self._buffer = torch.empty(shape, device=self.device)
+        out = (
+            self._buffer[: idx.numel() * self.X.shape[1]].view(shape)
+            if self._buffer.dim() == 1
+            else self._buffer.view(-1)[: idx.numel() * self.X.shape[1]].view(shape)
+        )
+        torch.index_select(self.X, 0, idx.reshape(-1), out=out.view(-1, self.X.shape[1]))
+        return out.sub_(self.mean[:, None, :]).mul_(self.inv_std[:, None, :])
 
     def transform_inputs(self) -> torch.Tensor:
         """Region-averaged transform sets as model input; the training scaler applies only if asked."""
@@ -205,7 +220,7 @@ class Trainer:
                 logits, _ = self.model(self._scaled(idx))
             target = self.Y[rows, idx]
             losses = F.cross_entropy(logits.float().transpose(1, 2), target, reduction="none").mean(dim=1)
-            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad(set_to_none=False)  # reuse gradient buffers (see _scaled)
             (losses * weight).sum().backward()
             self.optimizer.step()
             self._freeze_stopped()

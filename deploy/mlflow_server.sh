@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The team's shared tracking server: PostgreSQL backend store, served artifacts, basic auth, loopback.
+#
+# Required environment (nothing here holds a password):
+#   TRANSDNN_BACKEND_URI    postgresql://USER@HOST:PORT/DB  (the run/registry store)
+#   TRANSDNN_AUTH_DB_URI    postgresql://USER@HOST:PORT/DB  (the users store of basic auth)
+#   TRANSDNN_ARTIFACTS      folder or s3://bucket/prefix for served artifacts
+#   MLFLOW_AUTH_ADMIN_PASSWORD  first admin password (used once, when the users store is empty;
+#                               rotate it afterwards with the update-password API, see README)
+#   MLFLOW_FLASK_SERVER_SECRET_KEY  a long random string
+# Optional: TRANSDNN_HOST (default 127.0.0.1), TRANSDNN_PORT (default 5000), TRANSDNN_WORKERS (default 2).
+set -euo pipefail
+: "${TRANSDNN_BACKEND_URI:?set TRANSDNN_BACKEND_URI}" "${TRANSDNN_AUTH_DB_URI:?set TRANSDNN_AUTH_DB_URI}"
+: "${TRANSDNN_ARTIFACTS:?set TRANSDNN_ARTIFACTS}" "${MLFLOW_FLASK_SERVER_SECRET_KEY:?set MLFLOW_FLASK_SERVER_SECRET_KEY}"
+host="${TRANSDNN_HOST:-127.0.0.1}"
+port="${TRANSDNN_PORT:-5000}"
+ini="$(mktemp --suffix=.ini)"
+trap 'rm -f "$ini"' EXIT
+cat > "$ini" <<INI
+[mlflow]
+default_permission = READ
+database_uri = ${TRANSDNN_AUTH_DB_URI}
+admin_username = admin
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+INI
+export MLFLOW_AUTH_CONFIG_PATH="$ini"
+mlflow server \
+  --app-name basic-auth \
+  --backend-store-uri "$TRANSDNN_BACKEND_URI" \
+  --artifacts-destination "$TRANSDNN_ARTIFACTS" \
+  --host "$host" --port "$port" \
+  --workers "${TRANSDNN_WORKERS:-2}" \
+  --allowed-hosts "$host:$port,localhost:$port,127.0.0.1:$port"

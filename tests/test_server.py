@@ -1,0 +1,183 @@
+"""The documented team setup for real: a throwaway PostgreSQL 15 cluster on 127.0.0.1 and
+deploy/mlflow_server.sh (basic auth, served artifacts) in front of it."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, TinyData, make_tiny, tiny_params
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _as_postgres(args: list[str]) -> list[str]:
+    """Clusters refuse to run as root: run their commands as the `postgres` system user."""
+    return ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else args
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[str]:
+    if not (PG_BIN / "initdb").exists():
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL 15 is not installed: .ci/run installs postgresql-15")
+        pytest.skip("PostgreSQL 15 not installed (apt-get install postgresql-15)")
+    data = Path(tempfile.mkdtemp(prefix="transdnn-pg-"))
+    if os.geteuid() == 0:
+        shutil.chown(data, "postgres", "postgres")
+    port = _free_port()
+    subprocess.run(
+        _as_postgres([str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust"]), check=True, capture_output=True
+    )
+    opts = f"-h 127.0.0.1 -p {port} -k {data}"
+    subprocess.run(
+        _as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-o", opts, "-l", str(data / "log"), "-w", "start"]),
+        check=True,
+        capture_output=True,
+    )
+    try:
+        for db in ("mlflow", "mlflow_auth"):
+            subprocess.run(
+                _as_postgres([str(PG_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", db]), check=True
+            )
+        yield f"postgresql://postgres@127.0.0.1:{port}"
+    finally:
+        subprocess.run(_as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]), capture_output=True)
+        shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def server(postgres: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """deploy/mlflow_server.sh on a free loopback port; the admin password is rotated before use."""
+    port = _free_port()
+    first, final = secrets.token_urlsafe(16), secrets.token_urlsafe(16)
+    env = {
+        **os.environ,
+        "TRANSDNN_BACKEND_URI": f"{postgres}/mlflow",
+        "TRANSDNN_AUTH_DB_URI": f"{postgres}/mlflow_auth",
+        "TRANSDNN_ARTIFACTS": str(tmp_path_factory.mktemp("served-artifacts")),
+        "TRANSDNN_PORT": str(port),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": first,
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(24),
+        "PYTHONWARNINGS": "ignore",
+    }
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        env.pop(key, None)
+    log = tmp_path_factory.mktemp("server-log") / "server.log"
+    proc = subprocess.Popen(
+        ["bash", str(REPO / "deploy" / "mlflow_server.sh")],
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline or proc.poll() is not None:
+                pytest.fail(f"mlflow server did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(1)
+        from mlflow.server.auth.client import AuthServiceClient
+
+        os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = "admin", first
+        AuthServiceClient(url).update_user_password("admin", final)
+        yield {"MLFLOW_TRACKING_URI": url, "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": final}
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_USERNAME", None)
+        os.environ.pop("MLFLOW_TRACKING_PASSWORD", None)
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def _cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen[str]:
+    full = {**os.environ, **env, "PYTHONWARNINGS": "ignore"}
+    full.pop("MLFLOW_REGISTRY_URI", None)
+    return subprocess.Popen(["transdnn", *args], env=full, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _ok(args: list[str], env: dict[str, str], cwd: Path) -> str:
+    proc = _cli(args, env, cwd)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, f"transdnn {' '.join(args)}\n{out}\n{err}"
+    return out
+
+
+def test_server_rejects_requests_without_credentials(server: dict[str, str]):
+    request = urllib.request.Request(f"{server['MLFLOW_TRACKING_URI']}/api/2.0/mlflow/experiments/search?max_results=1")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request, timeout=10)
+    assert err.value.code == 401
+
+
+def test_train_promote_show_load_embed_against_the_server(server: dict[str, str], tmp_path: Path):
+    tiny: TinyData = make_tiny(tmp_path / "data")
+    params = tiny_params(tmp_path / "params.yaml", tiny, tmp_path / "runs")
+    _ok(["train", "cortex", "--params", str(params)], server, tmp_path)
+    _ok(["embed", "cortex", "--params", str(params)], server, tmp_path)
+    _ok(["promote", "cortex", "--params", str(params)], server, tmp_path)
+    shown = json.loads(_ok(["registry", "show", "cortex", "--params", str(params), "--json"], server, tmp_path))
+    assert shown[0]["uri"] == "models:/transdnn-cortex@champion"
+    _ok(["embed", "cortex", "--params", str(params), "--model", "models:/transdnn-cortex@champion"], server, tmp_path)
+    replicate = shown[0]["replicate"]
+    via_registry = (tmp_path / "runs/cortex/registry/embed/champion/replicate_0/human_embedding.csv").read_text()
+    from_run = (tmp_path / f"runs/cortex/embed/Integrated_dataset_0/replicate_{replicate}/human_embedding.csv").read_text()
+    from io import StringIO
+
+    import numpy as np
+    import pandas as pd
+
+    assert np.allclose(pd.read_csv(StringIO(via_registry), index_col=0), pd.read_csv(StringIO(from_run), index_col=0), atol=1e-5)
+
+
+def test_two_trainings_at_once_lose_no_run_or_metric(server: dict[str, str], tmp_path: Path):
+    tiny = make_tiny(tmp_path / "data")
+    params = tiny_params(tmp_path / "params.yaml", tiny, tmp_path / "runs", max_epochs=4)
+    procs = [_cli(["train", p, "--params", str(params)], server, tmp_path) for p in ("cortex", "subcortex")]
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err
+    _assert_complete(server, tmp_path)
+
+
+def _assert_complete(env: dict[str, str], root: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    for key, value in env.items():
+        os.environ[key] = value
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    for partition in ("cortex", "subcortex"):
+        run_id = json.loads((root / "runs" / partition / "train" / "Integrated_dataset_0" / "train.json").read_text())["run_id"]
+        parent = client.get_run(run_id)
+        assert parent.info.status == "FINISHED"
+        kids = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
+        assert len(kids) == 2
+        for kid in kids:
+            epochs = int(kid.data.metrics["epochs_run"])
+            for key in ("train_loss", "valid_loss", "homology_rank"):
+                assert len(client.get_metric_history(kid.info.run_id, key)) == epochs

@@ -106,13 +106,14 @@ def server(postgres: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         from mlflow.server.auth.client import AuthServiceClient
 
         os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = "admin", first
-        AuthServiceClient(url).update_user_password("admin", final)
+        AuthServiceClient(url).update_user_password("admin", final, current_password=first)
         yield {"MLFLOW_TRACKING_URI": url, "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": final}
     finally:
         os.environ.pop("MLFLOW_TRACKING_USERNAME", None)
         os.environ.pop("MLFLOW_TRACKING_PASSWORD", None)
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
 
 
 def _cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen[str]:

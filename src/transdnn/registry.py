@@ -117,7 +117,8 @@ def _version_for(client: MlflowClient, name: str, cand: Candidate, partition: st
 
     found = existing()
     if not found:
-        retry(lambda: client.create_model_version(name, cand.model_uri, run_id=cand.run_id))
+        model_id = cand.model_uri.removeprefix("models:/")  # a LoggedModel id: servers require it with the source
+        retry(lambda: client.create_model_version(name, cand.model_uri, run_id=cand.run_id, model_id=model_id))
         found = existing()
     keep, *extra = sorted(found, key=lambda v: int(v.version))
     for dup in extra:

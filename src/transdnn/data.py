@@ -101,15 +101,20 @@ def _read_csv(path: Path) -> pd.DataFrame:
 
 
 def _read_h5ad(path: Path) -> ad.AnnData:
+    """Open an h5ad in backed mode: obs and var are read, X stays on disk until `_select_genes`."""
     if not path.is_file():
         raise InputError(f"{path}: file not found (expected an .h5ad file)")
     if not h5py.is_hdf5(path):
         raise InputError(f"{path}: not an HDF5 file (expected an .h5ad file written by anndata)")
     try:
-        return ad.read_h5ad(path)
+        return ad.read_h5ad(path, backed="r")
     except Exception as exc:  # anndata/h5py raise many types for truncated or foreign files
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise InputError(f"{path}: unreadable h5ad ({reason[:160]}); expected a complete anndata file") from None
+        raise _unreadable(path, exc) from None
+
+
+def _unreadable(path: Path, exc: Exception) -> InputError:
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return InputError(f"{path}: unreadable h5ad ({reason[:160]}); expected a complete anndata file")
 
 
 def _region_ids(adata: ad.AnnData, path: Path) -> pd.Series:
@@ -118,8 +123,9 @@ def _region_ids(adata: ad.AnnData, path: Path) -> pd.Series:
     return adata.obs["region_index"].astype(str).reset_index(drop=True)
 
 
-def _select_genes(adata: ad.AnnData, rows: np.ndarray, genes: GeneList, path: Path) -> np.ndarray:
-    """Return rows x gene-list matrix (float32); densify only the selected block."""
+def _select_genes(adata: ad.AnnData, rows: np.ndarray, genes: GeneList, path: Path, chunk: int = 4096) -> np.ndarray:
+    """Return rows x gene-list matrix (float32), reading X in row chunks: only the selected block is
+    ever dense in memory, whether X is dense or sparse on disk."""
     names = adata.var["Gene"].astype(str) if "Gene" in adata.var.columns else pd.Series(adata.var_names)
     index = pd.Index(names.to_numpy())
     wanted = pd.Index(genes.genes)
@@ -134,18 +140,31 @@ def _select_genes(adata: ad.AnnData, rows: np.ndarray, genes: GeneList, path: Pa
             f"{_examples(missing.tolist())} (expected every gene-list gene)"
         )
     cols = index.get_indexer(wanted)
-    X = adata.X
-    if sp.issparse(X):
-        block = sp.csr_matrix(X)[rows][:, cols]
-        finite = np.isfinite(block.data).all()
-        dense = block.toarray().astype(np.float32, copy=False)
-    else:
-        X = np.asarray(X)
-        dense = np.ascontiguousarray(X[np.ix_(rows, cols)] if len(rows) != X.shape[0] else X[:, cols], dtype=np.float32)
-        finite = bool(np.isfinite(dense).all())
-    if not finite:
-        raise InputError(f"{path}: X has NaN or inf values (expected finite expression values)")
-    return dense
+    out = np.empty((len(rows), len(cols)), dtype=np.float32)
+    keep = np.zeros(adata.n_obs, dtype=bool)
+    keep[rows] = True
+    filled = 0
+    try:
+        for start in range(0, adata.n_obs, chunk):
+            stop = min(start + chunk, adata.n_obs)
+            sel = keep[start:stop]
+            if not sel.any():
+                continue
+            block = adata.X[start:stop]
+            block = block[sel][:, cols]
+            block = block.toarray() if sp.issparse(block) else np.asarray(block)
+            if not np.isfinite(block).all():
+                raise InputError(f"{path}: X has NaN or inf values (expected finite expression values)")
+            out[filled : filled + len(block)] = block
+            filled += len(block)
+    except InputError:
+        raise
+    except Exception as exc:  # a truncated or corrupt X only shows when it is read
+        raise _unreadable(path, exc) from None
+    finally:
+        if adata.isbacked:
+            adata.file.close()
+    return out
 
 
 def load_training_set(path: Path, genes: GeneList) -> TrainingSet:

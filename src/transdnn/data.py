@@ -123,7 +123,7 @@ def _region_ids(adata: ad.AnnData, path: Path) -> pd.Series:
     return adata.obs["region_index"].astype(str).reset_index(drop=True)
 
 
-def _select_genes(adata: ad.AnnData, rows: np.ndarray, genes: GeneList, path: Path, chunk: int = 4096) -> np.ndarray:
+def _select_genes(adata: ad.AnnData, rows: np.ndarray, genes: GeneList, path: Path, chunk: int = 8192) -> np.ndarray:
     """Return rows x gene-list matrix (float32), reading X in row chunks: only the selected block is
     ever dense in memory, whether X is dense or sparse on disk."""
     names = adata.var["Gene"].astype(str) if "Gene" in adata.var.columns else pd.Series(adata.var_names)
@@ -151,12 +151,16 @@ def _select_genes(adata: ad.AnnData, rows: np.ndarray, genes: GeneList, path: Pa
             if not sel.any():
                 continue
             block = adata.X[start:stop]
-            block = block[sel][:, cols]
-            block = block.toarray() if sp.issparse(block) else np.asarray(block)
-            if not np.isfinite(block).all():
+            if not sel.all():
+                block = block[sel]
+            target = out[filled : filled + block.shape[0]]
+            if sp.issparse(block):
+                target[:] = block[:, cols].toarray()
+            else:
+                np.take(np.asarray(block, dtype=np.float32), cols, axis=1, out=target)
+            if not np.isfinite(target).all():
                 raise InputError(f"{path}: X has NaN or inf values (expected finite expression values)")
-            out[filled : filled + len(block)] = block
-            filled += len(block)
+            filled += block.shape[0]
     except InputError:
         raise
     except Exception as exc:  # a truncated or corrupt X only shows when it is read

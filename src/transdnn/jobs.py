@@ -169,7 +169,7 @@ def _track_training(
             folder = Path(tmp) / f"r{r}"
             save_model(folder / "weights.pt", folder / "meta.json", stored.select([r]))
             files.append((folder / "weights.pt", folder / "meta.json"))
-        run.log_models(files, result.genes, example)
+        run.log_models(files, result.genes, example, Path(tmp))
 
 
 def embed_partition(

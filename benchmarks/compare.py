@@ -1,0 +1,400 @@
+"""Side-by-side benchmark: the published DNN stage vs transdnn vs the ideal batched loop, in one run.
+
+    python benchmarks/compare.py            # full: 10 replicates x 50 epochs on the default sets
+    python benchmarks/compare.py --quick    # smoke: 2 replicates x 3 epochs
+
+Prints wall time, ms per replicate-epoch, peak memory, bytes written and the homology rank of each,
+then the ratios (speed-up over the reference, overhead over the ideal loop), loading/split scaling
+and peak memory on a 100k-row set. The reference wheel and its dependencies are fetched with pip into
+a cache outside the repository (BENCH_CACHE, default ~/.cache/transdnn-bench).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+CACHE = Path(os.environ.get("BENCH_CACHE", Path.home() / ".cache" / "transdnn-bench"))
+REFERENCE_DEPS = ["skorch==1.4.0", "scikit-learn", "tabulate", "tqdm", "joblib", "threadpoolctl"]
+
+
+def fetch_reference() -> tuple[Path, Path]:
+    """Download transbrain==1.8.7 and the reference's extra dependencies (no install into the venv)."""
+    wheel_dir, deps = CACHE / "transbrain-1.8.7", CACHE / "deps"
+    if not (wheel_dir / "pipeline" / "code" / "dnn" / "models.py").exists():
+        dl = CACHE / "download"
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(dl), "transbrain==1.8.7"], check=True
+        )
+        with zipfile.ZipFile(next(dl.glob("transbrain-1.8.7-*.whl"))) as zf:
+            zf.extractall(wheel_dir)
+    if not (deps / "skorch").exists():
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(deps), *REFERENCE_DEPS], check=True
+        )
+    return wheel_dir, deps
+
+
+@dataclass
+class Case:
+    name: str
+    partition: str
+    samples: int
+    cells: int
+    replicates: int
+    epochs: int
+    data: Path = field(init=False)
+
+
+@dataclass
+class Measure:
+    wall: float
+    peak_mb: float
+    out_bytes: int = 0
+    rank: float = float("nan")
+    replicate_epochs: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+def run(cmd: list[str], env: dict | None = None) -> tuple[float, float, str]:
+    """Run a command; return wall seconds, peak RSS (MB) of that process tree's largest process, stdout."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})},
+    )
+    out, err = proc.communicate()
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return wall, peak, out
+
+
+def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, float, str]:
+    """Like run(), but the peak is of this command alone (a fresh wrapper process per command)."""
+    wrapper = [
+        sys.executable,
+        "-c",
+        (
+            "import json,os,resource,subprocess,sys,time;"
+            "t=time.perf_counter();p=subprocess.run(sys.argv[1:],capture_output=True,text=True);"
+            "sys.stderr.write(p.stderr);sys.stdout.write(p.stdout);"
+            "print(json.dumps({'__wall':time.perf_counter()-t,'__peak':resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss/1024,'__rc':p.returncode}))"
+        ),
+        *cmd,
+    ]
+    _, _, out = run(wrapper, env)
+    info = json.loads(out.strip().splitlines()[-1])
+    if info["__rc"] != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed")
+    return info["__wall"], info["__peak"], "\n".join(out.strip().splitlines()[:-1])
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def synth(case: Case) -> None:
+    from transdnn.settings import load_settings
+    from transdnn.synth import synthesize
+
+    base = load_settings(REPO / "params.yaml").synth
+    case.data = CACHE / "data" / f"{case.partition}-{case.samples}x{case.cells}"
+    if not (case.data / case.partition / "integrated" / "Integrated_dataset_0.h5ad").exists():
+        cfg = base.model_copy(
+            update={
+                "out": case.data,
+                "samples_per_region": case.samples,
+                "cells_per_sample": case.cells,
+                "other_rows": 0,
+                "datasets": 1,
+            }
+        )
+        synthesize(cfg, (case.partition,))
+
+
+def paths(case: Case):
+    from transdnn.synth import SynthPaths
+
+    return SynthPaths(case.data, case.partition)
+
+
+def rank_of(human_csv: Path, mouse_csv: Path, homology: Path) -> float:
+    import torch
+
+    from transdnn.homology import homology_rank, pair_indices, pearson
+
+    h, m = pd.read_csv(human_csv, index_col=0), pd.read_csv(mouse_csv, index_col=0)
+    hom = pd.read_csv(homology)
+    hi, mi = pair_indices(
+        [str(i) for i in h.index], [str(i) for i in m.index], hom.human_region.tolist(), hom.mouse_region.tolist()
+    )
+    return float(homology_rank(pearson(torch.tensor(h.to_numpy()), torch.tensor(m.to_numpy())), hi, mi))
+
+
+def bench_reference(case: Case, wheel: Path, deps: Path, work: Path) -> Measure:
+    p = paths(case)
+    out = work / "reference"
+    genes = len(pd.read_csv(p.genes))
+    import anndata as ad
+
+    obs = ad.read_h5ad(p.train(0), backed="r").obs
+    regions = obs["region_index"].str.split("_").str[0].nunique()
+    _, peak, stdout = run_measured(
+        [
+            sys.executable,
+            str(HERE / "reference_runner.py"),
+            "--wheel",
+            str(wheel),
+            "--deps",
+            str(deps),
+            "--train",
+            str(p.train(0)),
+            "--human",
+            str(p.human),
+            "--mouse",
+            str(p.mouse),
+            "--genes",
+            str(p.genes),
+            "--homology",
+            str(p.homology),
+            "--out",
+            str(out),
+            "--replicates",
+            str(case.replicates),
+            "--epochs",
+            str(case.epochs),
+            "--inputs",
+            str(genes),
+            "--outputs",
+            str(regions),
+        ]
+    )
+    info = json.loads(stdout.strip().splitlines()[-1])
+    ranks, epochs, skipped = [], 0, 0
+    for r in range(case.replicates):
+        rep = out / "Data_0" / f"Repeat_{r}"
+        hist = pd.read_csv(rep / "loss and rank each epoch.csv")
+        epochs += len(hist) + (1 if len(hist) < case.epochs else 0)  # the stopping epoch is not logged
+        res = rep / "Results"
+        if (res / "human_embedding.csv").exists():
+            ranks.append(rank_of(res / "human_embedding.csv", res / "mouse_embedding.csv", p.homology))
+        else:  # its defect: no best-valid checkpoint (losses never went under 4.0), so embed skipped it
+            skipped += 1
+            last = max(res.glob("human_embedding_epoch*.csv"), key=lambda f: int(f.stem.removeprefix("human_embedding_epoch")))
+            ranks.append(rank_of(last, res / last.name.replace("human", "mouse"), p.homology))
+    extra = {"split_s": float(np.mean(info["split_seconds"])), "skipped_replicates": skipped}
+    return Measure(info["wall"], peak, dir_bytes(out), float(np.mean(ranks)), epochs, extra)
+
+
+def bench_transdnn(case: Case, work: Path) -> Measure:
+    p = paths(case)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    part = params[case.partition]
+    part["data"] = {
+        "train_dir": str(p.train_dir),
+        "train": [p.train(0).name],
+        "human": str(p.human),
+        "mouse": str(p.mouse),
+        "genes": str(p.genes),
+        "homology": str(p.homology),
+    }
+    part["train"].update(replicates=case.replicates, max_epochs=case.epochs, device="cpu")
+    part["out"] = str(work / "transdnn")
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
+    wall_t, peak_t, _ = run_measured(["transdnn", "train", case.partition, "--params", str(work / "params.yaml")], env)
+    wall_e, peak_e, _ = run_measured(["transdnn", "embed", case.partition, "--params", str(work / "params.yaml")], env)
+    root = work / "transdnn"
+    summary = pd.read_csv(root / "train" / "Integrated_dataset_0" / "train_summary.csv")
+    metrics = json.loads((root / "metrics.json").read_text())["Integrated_dataset_0"]
+    ckpt = dir_bytes(root / "train")
+    return Measure(
+        wall_t + wall_e,
+        max(peak_t, peak_e),
+        dir_bytes(root),
+        metrics["homology_rank_mean"],
+        case.replicates * int(summary.epochs_run.max()),
+        {
+            "tracked_bytes": dir_bytes(work / "mlartifacts") if (work / "mlartifacts").exists() else 0,
+            "checkpoint_bytes": ckpt,
+            "epochs_run": int(summary.epochs_run.max()),
+            "train_s": wall_t,
+            "embed_s": wall_e,
+        },
+    )
+
+
+def bench_ideal(case: Case, rows: int, genes: int, classes: int, epochs: int) -> Measure:
+    _, peak, stdout = run_measured(
+        [
+            sys.executable,
+            str(HERE / "ideal_loop.py"),
+            "--rows",
+            str(rows),
+            "--genes",
+            str(genes),
+            "--classes",
+            str(classes),
+            "--replicates",
+            str(case.replicates),
+            "--epochs",
+            str(epochs),
+            "--batch",
+            "256",
+        ]
+    )
+    return Measure(json.loads(stdout.strip().splitlines()[-1])["wall"], peak, 0, float("nan"), case.replicates * epochs)
+
+
+def loading_and_split(case: Case) -> dict:
+    """transdnn's loading vs anndata's own read; split time; on the same file."""
+    import anndata as ad
+
+    from transdnn.data import load_training_set, read_gene_list
+    from transdnn.split import split_samples
+
+    p = paths(case)
+    start = time.perf_counter()
+    ad.read_h5ad(p.train(0))
+    anndata_s = time.perf_counter() - start
+    start = time.perf_counter()
+    ts = load_training_set(p.train(0), read_gene_list(p.genes))
+    load_s = time.perf_counter() - start
+    start = time.perf_counter()
+    split_samples(ts.sample_region, 0.1, np.random.default_rng(0))
+    return {
+        "rows": int(ts.X.shape[0]),
+        "anndata_read_s": anndata_s,
+        "transdnn_load_s": load_s,
+        "transdnn_split_s": time.perf_counter() - start,
+    }
+
+
+def memory_100k(rows_target: int = 100_000) -> dict:
+    """Peak RSS of one training epoch on a ~100k-row cortex set vs 1.5x its float32 matrix + 1 GiB."""
+    case = Case("cortex-100k", "cortex", 6, max(1, round(rows_target / (105 * 6))), 1, 1)
+    synth(case)
+    work = CACHE / "work" / "mem100k"
+    work.mkdir(parents=True, exist_ok=True)
+    p = paths(case)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["cortex"]["data"] = {
+        "train_dir": str(p.train_dir),
+        "train": [p.train(0).name],
+        "human": str(p.human),
+        "mouse": str(p.mouse),
+        "genes": str(p.genes),
+        "homology": str(p.homology),
+    }
+    params["cortex"]["train"].update(replicates=1, max_epochs=1, device="cpu")
+    params["cortex"]["out"] = str(work / "out")
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    _, peak, _ = run_measured(["transdnn", "train", "cortex", "--params", str(work / "params.yaml"), "--no-track"])
+    rows = case.samples * case.cells * 105
+    selected_mb = rows * len(pd.read_csv(p.genes)) * 4 / 2**20
+    return {"rows": rows, "selected_mb": selected_mb, "peak_mb": peak, "limit_mb": 1.5 * selected_mb + 1024}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="2 replicates x 3 epochs (smoke run)")
+    ap.add_argument("--skip-100k", action="store_true", help="skip the 100k-row memory check")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    a = ap.parse_args()
+    R, E = (2, 3) if a.quick else (10, 50)
+    cases = [
+        Case("cortex 5k rows", "cortex", 6, 8, R, E),
+        # the reference divides by zero when validation holds < 256 rows, as on the default 1k-row subcortex set
+        Case("subcortex 2k rows", "subcortex", 6, 16, R, E),
+        Case("cortex 50k rows", "cortex", 6, 80, 2, 2 if a.quick else 3),
+    ]
+    wheel, deps = fetch_reference()
+    results = []
+    for case in cases:
+        synth(case)
+        work = CACHE / "work" / case.name.replace(" ", "-")
+        if work.exists():
+            import shutil
+
+            shutil.rmtree(work)
+        work.mkdir(parents=True)
+        ref = bench_reference(case, wheel, deps, work)
+        ours = bench_transdnn(case, work)
+        p = paths(case)
+        genes = len(pd.read_csv(p.genes))
+        classes = 105 if case.partition == "cortex" else 22
+        rows = case.samples * case.cells * classes
+        ideal = bench_ideal(case, rows, genes, classes, ours.extra["epochs_run"])
+        results.append(
+            {
+                "case": case.name,
+                "replicates": case.replicates,
+                "max_epochs": case.epochs,
+                "reference": ref.__dict__,
+                "transdnn": ours.__dict__,
+                "ideal": ideal.__dict__,
+            }
+        )
+        print_case(results[-1])
+    big = next(c for c in cases if "50k" in c.name)
+    scaling = {"50k": loading_and_split(big), "5k": loading_and_split(cases[0])}
+    print("\nloading and split (s):", json.dumps(scaling, indent=1))
+    mem = None if a.skip_100k else memory_100k()
+    if mem:
+        print(
+            f"\npeak memory, {mem['rows']}-row cortex set: {mem['peak_mb']:.0f} MB (limit 1.5 x {mem['selected_mb']:.0f} MB + 1 GiB = {mem['limit_mb']:.0f} MB)"
+        )
+    if a.json:
+        a.json.write_text(json.dumps({"cases": results, "scaling": scaling, "memory_100k": mem}, indent=1, default=float))
+
+
+def print_case(r: dict) -> None:
+    ref, ours, ideal = r["reference"], r["transdnn"], r["ideal"]
+    rows = []
+    for name, m in (("reference", ref), ("transdnn", ours), ("ideal loop", ideal)):
+        rows.append(
+            {
+                "impl": name,
+                "wall s": round(m["wall"], 1),
+                "ms/replicate-epoch": round(1000 * m["wall"] / max(m["replicate_epochs"], 1), 1),
+                "peak MB": round(m["peak_mb"]),
+                "written MB": round(m["out_bytes"] / 2**20, 1),
+                "homology rank": round(m["rank"], 2),
+            }
+        )
+    print(f"\n== {r['case']} ({r['replicates']} replicates, up to {r['max_epochs']} epochs)")
+    print(pd.DataFrame(rows).to_string(index=False))
+    ref_ms = ref["wall"] / ref["replicate_epochs"]
+    our_ms = ours["wall"] / ours["replicate_epochs"]
+    print(
+        f"speed-up over reference: {ref['wall'] / ours['wall']:.2f}x wall, {ref_ms / our_ms:.2f}x per replicate-epoch; "
+        f"overhead over ideal: {ours['extra']['train_s'] / ideal['wall']:.2f}x (train) {ours['wall'] / ideal['wall']:.2f}x (train+embed); "
+        f"bytes: {ours['out_bytes'] / max(ref['out_bytes'], 1):.1%} of reference "
+        f"(checkpoints {ours['extra']['checkpoint_bytes'] / 2**20:.0f} MB; CSV/JSON {(ours['out_bytes'] - ours['extra']['checkpoint_bytes']) / 2**20:.1f} MB); "
+        f"reference split {ref['extra']['split_s']:.2f} s/replicate; "
+        f"reference replicates without a best-valid checkpoint: {ref['extra']['skipped_replicates']}"
+    )
+
+
+if __name__ == "__main__":
+    main()

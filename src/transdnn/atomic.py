@@ -17,8 +17,11 @@ import pandas as pd
 
 
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path in the target's folder; rename it onto `path` on success."""
+def atomic_path(path: str | Path, durable: bool = True) -> Iterator[Path]:
+    """Yield a temporary path in the target's folder; rename it onto `path` on success.
+
+    `durable=False` skips the fsync: still atomic against a killed process, not against power loss
+    (for the per-epoch resume state, rewritten every epoch)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -26,16 +29,17 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        with open(tmp_path, "rb+") as fh:
-            os.fsync(fh.fileno())
+        if durable:
+            with open(tmp_path, "rb+") as fh:
+                os.fsync(fh.fileno())
         os.replace(tmp_path, target)
     finally:
         tmp_path.unlink(missing_ok=True)
 
 
-def write_with(path: str | Path, writer: Callable[[Path], Any]) -> Path:
+def write_with(path: str | Path, writer: Callable[[Path], Any], durable: bool = True) -> Path:
     """Run `writer(tmp)` and move its file onto `path` atomically."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, durable) as tmp:
         writer(tmp)
     return Path(path)
 

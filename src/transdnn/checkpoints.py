@@ -51,6 +51,16 @@ class RunLayout:
         return self.train_root / "train_summary.csv"
 
     @property
+    def state(self) -> Path:
+        """Full training state after the last complete epoch (removed when training finishes)."""
+        return self.train_root / "state.pt"
+
+    @property
+    def run_record(self) -> Path:
+        """The MLflow run id of the training in progress, written before the first epoch."""
+        return self.train_root / "run.json"
+
+    @property
     def train_info(self) -> Path:
         return self.train_root / "train.json"
 

@@ -157,6 +157,7 @@ def train_cmd(
         bool | None, typer.Option("--shuffle-labels/--no-shuffle-labels", help="Random-classifier control.")
     ] = None,
     stage: Annotated[str | None, typer.Option(help="DVC stage name to tag the MLflow run with.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue a killed training from its last complete epoch.")] = False,
     no_track: NoTrackOpt = False,
 ) -> None:
     """Train all replicates of a partition, save checkpoints, and record runs and models in MLflow."""
@@ -181,7 +182,7 @@ def train_cmd(
         part.train.replicates * part.train.max_epochs * len(part.data.train), f"{partition.value} replicate-epochs"
     )
     try:
-        outcomes = _run(train_partition, partition.value, part, dev, tracker, progress, stage)
+        outcomes = _run(train_partition, partition.value, part, dev, tracker, progress, stage, resume)
     finally:
         progress.close()
     for o in outcomes:

@@ -23,7 +23,7 @@ from transdnn.embed import embed_inputs, embed_metrics, write_embeddings
 from transdnn.errors import InputError
 from transdnn.evaluate import independent_test
 from transdnn.settings import CHECKPOINTS, DataPaths, PartitionSettings
-from transdnn.training import TrainingSink, TrainResult, train
+from transdnn.training import TrainingSink, TrainResult, check_shapes, train
 
 EXAMPLE_ROWS = 3
 
@@ -88,13 +88,17 @@ def train_partition(
     tracker: Any | None = None,
     progress: TrainingSink | None = None,
     stage: str | None = None,
+    resume: bool = False,
 ) -> list[TrainOutcome]:
-    """Train every training set of a partition; write checkpoints, history and train.json for each."""
+    """Train every training set of a partition; write checkpoints, history and train.json for each.
+
+    `resume=True` continues a killed training from its per-epoch state (same MLflow runs)."""
     inputs = load_inputs(part.data)
     outcomes = []
     for path in part.data.train_paths:
         train_set = load_training_set(path, inputs.genes)
         check_training_regions(train_set, inputs.homology)
+        check_shapes(train_set, part)  # before anything is written
         layout = RunLayout.for_training_file(part.out, path)
         files = {
             "train": path,
@@ -111,13 +115,16 @@ def train_partition(
             "device": str(device),
         }
         seeds = _seeds(part)
+        resuming = resume and layout.state.is_file()
+        resume_id = json.loads(layout.run_record.read_text())["run_id"] if resuming and layout.run_record.is_file() else None
         ctx = (
-            tracker.training(partition, layout.dataset, part.model_dump(mode="json"), info, seeds, files, stage)
+            tracker.training(partition, layout.dataset, part.model_dump(mode="json"), info, seeds, files, stage, resume_id)
             if tracker
             else nullcontext()
         )
         with ctx as run:
-            result = train(train_set, inputs, part, device, _Fanout(run, progress))
+            write_json(layout.run_record, {"run_id": run.parent_id if run else None})
+            result = train(train_set, inputs, part, device, _Fanout(run, progress), layout.state, resuming)
             meta = _meta(partition, part, result, layout.dataset)
             history_files = _save_training(result, layout, meta)
             chosen = embed_inputs(_stored(result, meta, part.embed.checkpoint), inputs, device).ranks
@@ -136,6 +143,7 @@ def train_partition(
                     "epochs_run": [int(x) for x in result.summary["epochs_run"]],
                 },
             )
+            layout.state.unlink(missing_ok=True)  # finished: the resume state is no longer needed
         outcomes.append(TrainOutcome(partition, layout.dataset, layout, run.parent_id if run else None, result.summary, chosen))
     return outcomes
 

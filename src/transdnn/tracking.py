@@ -207,8 +207,40 @@ class Tracker:
         seeds: list[int],
         inputs: dict[str, Path],
         stage: str | None = None,
+        resume_run_id: str | None = None,
     ) -> Iterator[TrainingRun]:
-        """A parent run with one child per replicate; ends FINISHED, FAILED or KILLED, never RUNNING."""
+        """A parent run with one child per replicate; ends FINISHED, FAILED or KILLED, never RUNNING.
+
+        `resume_run_id` reopens the runs of a killed training instead of creating new ones."""
+        run = (
+            self._resume(resume_run_id) if resume_run_id else self._create(partition, dataset, params, info, seeds, inputs, stage)
+        )
+        try:
+            yield run
+        except KeyboardInterrupt:
+            run.end("KILLED")
+            raise
+        except BaseException:
+            run.end("FAILED")
+            raise
+        run.end("FINISHED")
+
+    def _resume(self, run_id: str) -> TrainingRun:
+        run = self.reopen(run_id)
+        for rid in [run.parent_id, *run.children]:
+            retry(lambda rid=rid: self.client.update_run(rid, status="RUNNING"))
+        return run
+
+    def _create(
+        self,
+        partition: str,
+        dataset: str,
+        params: dict[str, Any],
+        info: dict[str, Any],
+        seeds: list[int],
+        inputs: dict[str, Path],
+        stage: str | None,
+    ) -> TrainingRun:
         tags = {
             "partition": partition,
             "dataset": dataset,
@@ -253,16 +285,7 @@ class Tracker:
                 )
             )
             children.append(child.info.run_id)
-        run = TrainingRun(self.client, pid, children)
-        try:
-            yield run
-        except KeyboardInterrupt:
-            run.end("KILLED")
-            raise
-        except BaseException:
-            run.end("FAILED")
-            raise
-        run.end("FINISHED")
+        return TrainingRun(self.client, pid, children)
 
     def reopen(self, run_id: str) -> TrainingRun:
         """The run of an earlier training (for embed): its children in replicate order."""

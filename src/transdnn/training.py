@@ -8,14 +8,17 @@ What happened is reported through a `TrainingSink`; the loop itself never touche
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass, field
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from transdnn.atomic import write_with
 from transdnn.data import PartitionInputs, TrainingSet
 from transdnn.errors import ConfigError, InputError
 from transdnn.homology import homology_rank, pair_indices, pearson
@@ -323,6 +326,52 @@ class Trainer:
         self.epoch += 1
         return metrics
 
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue bit-for-bit after a kill: weights, optimiser, scheduler, RNG
+        states, early-stopping counters, best snapshots, history. Plain tensors and numbers only, so it
+        loads with `weights_only=True`. The "last" snapshot equals the live weights at an epoch's end."""
+        history = (
+            pd.concat(self.rows, ignore_index=True) if self.rows else pd.DataFrame(columns=["epoch", "replicate", *EPOCH_METRICS])
+        )
+        return {
+            "epoch": self.epoch,
+            "model": {n: p.detach().cpu() for n, p in self.model.named_parameters()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng_global": torch.get_rng_state(),
+            "rng_replicates": torch.stack([g.get_state() for g in self.gens]),
+            "active": self.active.cpu(),
+            "best_valid_loss": self.best["valid_loss"],
+            "best_homology_rank": self.best["homology_rank"],
+            "best_epoch": {k: torch.from_numpy(v) for k, v in self.best_epoch.items()},
+            "stale": torch.from_numpy(self.stale),
+            "epochs_run": torch.from_numpy(self.epochs_run),
+            "snapshots": {k: {n: t.cpu() for n, t in self.snapshots[k].items()} for k in ("best_valid", "best_rank")},
+            "history": torch.from_numpy(history[["epoch", "replicate", *EPOCH_METRICS]].to_numpy(dtype=np.float64)),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state["epoch"])
+        with torch.no_grad():
+            for n, p in self.model.named_parameters():
+                p.copy_(state["model"][n])
+                self.snapshots["last"][n].copy_(state["model"][n])
+                for kind in ("best_valid", "best_rank"):
+                    self.snapshots[kind][n].copy_(state["snapshots"][kind][n])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng_global"])
+        for g, s in zip(self.gens, state["rng_replicates"], strict=True):
+            g.set_state(s.clone())  # a row of a stacked tensor is a view; set_state needs its own storage
+        self.active = state["active"].to(self.device)
+        self.best = {"valid_loss": state["best_valid_loss"], "homology_rank": state["best_homology_rank"]}
+        self.best_epoch = {k: v.numpy().copy() for k, v in state["best_epoch"].items()}
+        self.stale = state["stale"].numpy().copy()
+        self.epochs_run = state["epochs_run"].numpy().copy()
+        hist = pd.DataFrame(state["history"].numpy(), columns=["epoch", "replicate", *EPOCH_METRICS])
+        hist[["epoch", "replicate"]] = hist[["epoch", "replicate"]].astype(int)
+        self.rows = [hist] if len(hist) else []
+
     def result(self) -> TrainResult:
         history = pd.concat(self.rows, ignore_index=True)
         chosen = {kind: self.best_epoch[kind] for kind in CHECKPOINTS}
@@ -368,10 +417,31 @@ def train(
     settings: PartitionSettings,
     device: torch.device,
     sink: TrainingSink | None = None,
+    state_path: Path | None = None,
+    resume: bool = False,
 ) -> TrainResult:
-    """Train all replicates of one partition on one training set."""
+    """Train all replicates of one partition on one training set.
+
+    With `state_path`, the full training state is written there atomically after every epoch, and
+    `resume=True` continues from it (a killed run finishes with the weights of an uninterrupted one).
+    """
     sink = sink or NullSink()
     trainer = Trainer(train_set, inputs, settings, device)
+    if resume and state_path is not None and state_path.is_file():
+        trainer.load_state_dict(load_state(state_path))
     while not trainer.done:
-        sink.on_epoch(trainer.epoch, trainer.step_epoch())
+        metrics = trainer.step_epoch()
+        sink.on_epoch(trainer.epoch - 1, metrics)
+        if state_path is not None:
+            write_with(state_path, lambda tmp: torch.save(trainer.state_dict(), tmp), durable=False)
     return trainer.result()
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """A resume state, loaded without executing any pickled code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
+        raise InputError(
+            f"{path}: unusable resume state ({str(exc).splitlines()[0][:160]}); expected one written by `transdnn train`"
+        ) from None

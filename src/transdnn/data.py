@@ -139,7 +139,8 @@ def _select_genes(adata: ad.AnnData, rows: np.ndarray, genes: GeneList, path: Pa
             f"{path}: var['Gene'] lacks {len(missing)} of {len(wanted)} genes of {genes.path.name}: "
             f"{_examples(missing.tolist())} (expected every gene-list gene)"
         )
-    cols = index.get_indexer(wanted)
+    first = pd.Series(np.arange(len(index)), index=index)
+    cols = first[~first.index.duplicated()].reindex(wanted).to_numpy()  # duplicates outside the list are harmless
     out = np.empty((len(rows), len(cols)), dtype=np.float32)
     keep = np.zeros(adata.n_obs, dtype=bool)
     keep[rows] = True

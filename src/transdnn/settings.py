@@ -67,6 +67,7 @@ class TrainSettings(_Strict):
     device: str
     precision: Literal["fp32", "bf16"]
     transform_scaling: Literal["none", "train"]
+    state_every: int = Field(ge=0)
 
 
 class EmbedSettings(_Strict):

@@ -9,6 +9,10 @@ What happened is reported through a `TrainingSink`; the loop itself never touche
 from __future__ import annotations
 
 import pickle
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -235,10 +239,11 @@ class Trainer:
         """Stopped replicates keep their last weights (AdamW momentum would otherwise move them)."""
         if bool(self.active.all()):
             return
-        keep = self.active
+        stopped = (~self.active).nonzero().flatten().tolist()
         with torch.no_grad():
             for name, p in self.model.named_parameters():
-                p.copy_(torch.where(keep.view(-1, *[1] * (p.dim() - 1)), p, self.snapshots["last"][name]))
+                for r in stopped:  # per-replicate slice copies: no temporary of the whole stack
+                    p[r].copy_(self.snapshots["last"][name][r])
 
     @torch.no_grad()
     def _valid_pass(self, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
@@ -274,12 +279,11 @@ class Trainer:
         return homology_rank(corr, self.h_idx, self.m_idx)
 
     def _snapshot(self, kind: str, where: torch.Tensor) -> None:
-        if not bool(where.any()):
-            return
+        replicates = where.nonzero().flatten().tolist()
         with torch.no_grad():
             for name, p in self.model.named_parameters():
-                snap = self.snapshots[kind][name]
-                snap.copy_(torch.where(where.to(p.device).view(-1, *[1] * (p.dim() - 1)), p, snap))
+                for r in replicates:
+                    self.snapshots[kind][name][r].copy_(p[r])
 
     @property
     def done(self) -> bool:
@@ -422,19 +426,54 @@ def train(
 ) -> TrainResult:
     """Train all replicates of one partition on one training set.
 
-    With `state_path`, the full training state is written there atomically after every epoch, and
-    `resume=True` continues from it (a killed run finishes with the weights of an uninterrupted one).
+    With `state_path`, the full training state is written there atomically every `state_every` epochs,
+    and `resume=True` continues from it: the replayed epochs are deterministic, so a killed run finishes
+    with the weights of an uninterrupted one.
     """
     sink = sink or NullSink()
     trainer = Trainer(train_set, inputs, settings, device)
     if resume and state_path is not None and state_path.is_file():
         trainer.load_state_dict(load_state(state_path))
-    while not trainer.done:
-        metrics = trainer.step_epoch()
-        sink.on_epoch(trainer.epoch - 1, metrics)
+
+    def save() -> None:
         if state_path is not None:
             write_with(state_path, lambda tmp: torch.save(trainer.state_dict(), tmp), durable=False)
+
+    every = settings.train.state_every
+    with _stop_after_epoch_on_sigint() as stop:
+        while not trainer.done:
+            metrics = trainer.step_epoch()
+            sink.on_epoch(trainer.epoch - 1, metrics)
+            if stop.requested:
+                save()  # Ctrl-C: keep the last complete epoch, then stop
+                raise KeyboardInterrupt
+            if every and trainer.epoch % every == 0 and not trainer.done:
+                save()
     return trainer.result()
+
+
+class _StopFlag:
+    requested = False
+
+
+@contextmanager
+def _stop_after_epoch_on_sigint() -> Iterator[_StopFlag]:
+    """The first Ctrl-C finishes the current epoch and stops; a second one interrupts at once."""
+    flag = _StopFlag()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        if flag.requested:
+            raise KeyboardInterrupt
+        flag.requested = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def load_state(path: Path) -> dict[str, Any]:

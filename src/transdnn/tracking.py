@@ -6,6 +6,7 @@ partition and training set, one nested child run per replicate, per-epoch metric
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import subprocess
@@ -68,8 +69,31 @@ def retry(call: Callable[[], T], attempts: int = 8, delay: float = 0.2) -> T:
     raise AssertionError("unreachable")
 
 
+@contextmanager
+def _store_lock() -> Iterator[None]:
+    """Serialise first contact with a local SQLite store: two processes creating a fresh mlflow.db at once
+    (e.g. `dvc queue start -j 2`) would both run its migrations and one fails."""
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock_path = Path(uri.removeprefix("sqlite:///") + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def ensure_experiment(name: str, project: Path) -> str:
     """Get or create the experiment, race-free; artifacts go beside the store, at an absolute path."""
+    with _store_lock():
+        return _ensure_experiment(name, project)
+
+
+def _ensure_experiment(name: str, project: Path) -> str:
     client = MlflowClient()
     found = retry(lambda: client.get_experiment_by_name(name))
     if found is not None:

@@ -87,14 +87,8 @@ def _store_lock() -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def ensure_experiment(name: str, project: Path) -> str:
+def ensure_experiment(client: MlflowClient, name: str, project: Path) -> str:
     """Get or create the experiment, race-free; artifacts go beside the store, at an absolute path."""
-    with _store_lock():
-        return _ensure_experiment(name, project)
-
-
-def _ensure_experiment(name: str, project: Path) -> str:
-    client = MlflowClient()
     found = retry(lambda: client.get_experiment_by_name(name))
     if found is not None:
         return found.experiment_id
@@ -217,9 +211,10 @@ class Tracker:
     """Opens and reopens runs in one experiment of the configured store."""
 
     def __init__(self, experiment: str, project: Path) -> None:
-        self.client = MlflowClient()
+        with _store_lock():  # creating the client may create and migrate a fresh store
+            self.client = MlflowClient()
+            self.experiment_id = ensure_experiment(self.client, experiment, project)
         self.project = project
-        self.experiment_id = ensure_experiment(experiment, project)
 
     @contextmanager
     def training(

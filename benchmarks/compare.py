@@ -210,14 +210,7 @@ def bench_transdnn(case: Case, work: Path) -> Measure:
     p = paths(case)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     part = params[case.partition]
-    part["data"] = {
-        "train_dir": str(p.train_dir),
-        "train": [p.train(0).name],
-        "human": str(p.human),
-        "mouse": str(p.mouse),
-        "genes": str(p.genes),
-        "homology": str(p.homology),
-    }
+    part["data"] = p.data_section()
     part["train"].update(replicates=case.replicates, max_epochs=case.epochs, device="cpu")
     part["out"] = str(work / "transdnn")
     (work / "params.yaml").write_text(yaml.safe_dump(params))
@@ -298,14 +291,7 @@ def memory_100k(rows_target: int = 100_000) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     p = paths(case)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["cortex"]["data"] = {
-        "train_dir": str(p.train_dir),
-        "train": [p.train(0).name],
-        "human": str(p.human),
-        "mouse": str(p.mouse),
-        "genes": str(p.genes),
-        "homology": str(p.homology),
-    }
+    params["cortex"]["data"] = p.data_section()
     params["cortex"]["train"].update(replicates=1, max_epochs=1, device="cpu")
     params["cortex"]["out"] = str(work / "out")
     (work / "params.yaml").write_text(yaml.safe_dump(params))

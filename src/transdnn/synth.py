@@ -76,6 +76,17 @@ class SynthPaths:
     def homology(self) -> Path:
         return self.root / self.partition / f"homo_{self.partition}.csv"
 
+    def data_section(self, datasets: int = 1) -> dict[str, object]:
+        """The `data:` section of a partition in params.yaml that points at these files."""
+        return {
+            "train_dir": str(self.train_dir),
+            "train": [self.train(k).name for k in range(datasets)],
+            "human": str(self.human),
+            "mouse": str(self.mouse),
+            "genes": str(self.genes),
+            "homology": str(self.homology),
+        }
+
 
 def _zscore(X: np.ndarray, chunk: int = 8192) -> np.ndarray:
     """Each data set arrives z-scored per gene on its own ("separately normalized"); in place, float32."""

@@ -20,8 +20,8 @@ from transdnn.atomic import write_csv, write_json
 from transdnn.checkpoints import RunLayout, StoredModel, load_model, save_model
 from transdnn.data import PartitionInputs, check_training_regions, load_partition_inputs, load_training_set
 from transdnn.embed import embed_inputs, embed_metrics, write_embeddings
-from transdnn.errors import InputError
 from transdnn.evaluate import independent_test
+from transdnn.model import seeds_for
 from transdnn.settings import CHECKPOINTS, DataPaths, PartitionSettings
 from transdnn.training import TrainingSink, TrainResult, check_shapes, train
 
@@ -114,7 +114,7 @@ def train_partition(
             "samples": train_set.n_samples,
             "device": str(device),
         }
-        seeds = _seeds(part)
+        seeds = seeds_for(part.train.seed, part.train.replicates)
         resuming = resume and layout.state.is_file()
         resume_id = json.loads(layout.run_record.read_text())["run_id"] if resuming and layout.run_record.is_file() else None
         ctx = (
@@ -146,12 +146,6 @@ def train_partition(
             layout.state.unlink(missing_ok=True)  # finished: the resume state is no longer needed
         outcomes.append(TrainOutcome(partition, layout.dataset, layout, run.parent_id if run else None, result.summary, chosen))
     return outcomes
-
-
-def _seeds(part: PartitionSettings) -> list[int]:
-    from transdnn.model import seeds_for
-
-    return seeds_for(part.train.seed, part.train.replicates)
 
 
 def _track_training(
@@ -250,8 +244,6 @@ def test_partition(
             "accuracy_mean": float(result.accuracy.mean()),
         }
         write_json(folder / "test_metrics.json", report[outcome.dataset])
-    if not report:
-        raise InputError(f"{test_file}: nothing was trained (expected at least one training set)")
     return report
 
 

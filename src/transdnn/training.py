@@ -13,7 +13,7 @@ import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -86,7 +86,6 @@ class TrainResult:
     scaler_std: torch.Tensor  # (R, G)
     history: pd.DataFrame  # one row per replicate-epoch
     summary: pd.DataFrame  # one row per replicate
-    shapes: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -406,12 +405,6 @@ class Trainer:
             scaler_std=self.std.cpu(),
             history=history,
             summary=summary,
-            shapes={
-                "rows": int(self.X.shape[0]),
-                "genes": int(self.X.shape[1]),
-                "regions": len(self.train_set.regions),
-                "samples": self.train_set.n_samples,
-            },
         )
 
 

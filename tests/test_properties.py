@@ -21,7 +21,7 @@ sample = st.sampled_from(["sample1", "sample2", "sample3", "sample1", "sample2",
 region_id = st.builds(lambda r, s, c: "_".join(p for p in (r, s, str(c)) if p), region, sample, st.integers(0, 3))
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(
     good=st.lists(
         st.builds(

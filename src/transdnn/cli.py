@@ -219,14 +219,11 @@ def embed(
     part = _run(override, part, "train", device=device)
     dev = _run(resolve_device, part.train.device)
     if model:
-        from transdnn.tracking import configure
-
-        configure(settings.tracking, params.resolve().parent)
         tracker = _tracker(settings, params, True)
         stored = _run(tracker.load_model, model)
         metrics = _run(embed_with_model, stored, part, dev, Path(part.out))
         typer.echo(
-            f"{partition.value}: {model} homology rank {metrics['homology_rank_mean']:.2f} (raw {metrics['raw_homology_rank']:.2f}) -> {part.out}/registry"
+            f"{partition.value}: {model} homology rank {metrics['homology_rank_mean']:.2f} (raw {metrics['raw_homology_rank']:.2f}) -> {part.out}/registry/embed/champion"
         )
         return
     kind = checkpoint.value if checkpoint else part.embed.checkpoint

@@ -18,7 +18,7 @@ import torch
 
 from transdnn.atomic import write_csv, write_json
 from transdnn.checkpoints import RunLayout, StoredModel, load_model, save_model
-from transdnn.data import PartitionInputs, check_training_regions, load_partition_inputs, load_training_set
+from transdnn.data import PartitionInputs, check_training_regions, load_partition_inputs, load_training_set, read_gene_list
 from transdnn.embed import embed_inputs, embed_metrics, write_embeddings
 from transdnn.evaluate import independent_test
 from transdnn.model import seeds_for
@@ -230,8 +230,7 @@ def test_partition(
     """Independent test: train on the partition's training set(s), report on a held-out labelled set."""
     part = part.model_copy(update={"out": Path(part.out) / "independent_test"})
     outcomes = train_partition("independent", part, device, progress=progress)
-    inputs = load_inputs(part.data)
-    test_set = load_training_set(test_file, inputs.genes)
+    test_set = load_training_set(test_file, read_gene_list(part.data.genes))  # only the genes: no transform sets again
     report: dict[str, Any] = {}
     for outcome in outcomes:
         result = independent_test(load_model(outcome.layout, part.embed.checkpoint), test_set, device)

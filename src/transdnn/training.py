@@ -179,14 +179,10 @@ class Trainer:
     def _scaled(self, idx: torch.Tensor) -> torch.Tensor:
         """Gather rows into a reused buffer and scale them in place: no fresh large allocations per step
         (on CPU, fresh multi-MB tensors cost page faults that rival the matmuls)."""
-        shape = (*idx.shape, self.X.shape[1])
-        if self._buffer is None or self._buffer.numel() < idx.numel() * self.X.shape[1]:
-            self._buffer = torch.empty(shape, device=self.device)
-        out = (
-            self._buffer[: idx.numel() * self.X.shape[1]].view(shape)
-            if self._buffer.dim() == 1
-            else self._buffer.view(-1)[: idx.numel() * self.X.shape[1]].view(shape)
-        )
+        size = idx.numel() * self.X.shape[1]
+        if self._buffer is None or self._buffer.numel() < size:
+            self._buffer = torch.empty(size, device=self.device)
+        out = self._buffer[:size].view(*idx.shape, self.X.shape[1])
         torch.index_select(self.X, 0, idx.reshape(-1), out=out.view(-1, self.X.shape[1]))
         return out.sub_(self.mean[:, None, :]).mul_(self.inv_std[:, None, :])
 

@@ -59,7 +59,7 @@ def test_sigkill_mid_training_then_resume_gives_identical_weights(tmp_path: Path
     assert proc.returncode == 0, err
 
     params = _params(tmp_path, "killed")
-    state = tmp_path / "killed" / "cortex" / "train" / "Integrated_dataset_0" / "state.pt"
+    state = tmp_path / "killed" / "cortex" / "train" / "Integrated_dataset_0" / "state.current"
     proc = _start(params)
     _wait_for(state, proc)
     time.sleep(1.0)
@@ -79,7 +79,7 @@ def test_sigkill_mid_training_then_resume_gives_identical_weights(tmp_path: Path
         for key in a:
             assert torch.equal(a[key], b[key]), (kind, key)
     assert json.loads((root / "train.json").read_text())["run_id"] == run_id, "resume continues the same MLflow run"
-    assert not state.exists()
+    assert not list(root.glob("state*")), "the finished run leaves no resume state"
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
@@ -94,7 +94,7 @@ def test_ctrl_c_stops_cleanly(tmp_path: Path, tracking_uri: str):
     params = _params(tmp_path, "interrupted")
     root = tmp_path / "interrupted" / "cortex" / "train" / "Integrated_dataset_0"
     proc = _start(params)
-    _wait_for(root / "state.pt", proc)
+    _wait_for(root / "state.current", proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
@@ -103,7 +103,7 @@ def test_ctrl_c_stops_cleanly(tmp_path: Path, tracking_uri: str):
     from mlflow.tracking import MlflowClient
 
     assert MlflowClient(tracking_uri).get_run(run_id).info.status == "KILLED"
-    assert (root / "state.pt").exists(), "the last complete epoch is kept"
+    assert (root / "state.current").exists(), "the last complete epoch is kept"
     assert not list((tmp_path / "interrupted").rglob("*.tmp")), "nothing half-written remains"
 
 

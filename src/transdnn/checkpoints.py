@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from transdnn.atomic import write_json, write_with
+from transdnn.atomic import AlternatingFile, write_json, write_with
 from transdnn.errors import InputError
 from transdnn.model import StackedMLP
 from transdnn.settings import CHECKPOINTS
@@ -51,9 +51,9 @@ class RunLayout:
         return self.train_root / "train_summary.csv"
 
     @property
-    def state(self) -> Path:
+    def state(self) -> AlternatingFile:
         """Full training state after the last complete epoch (removed when training finishes)."""
-        return self.train_root / "state.pt"
+        return AlternatingFile(self.train_root / "state.pt")
 
     @property
     def run_record(self) -> Path:

@@ -115,7 +115,7 @@ def train_partition(
             "device": str(device),
         }
         seeds = seeds_for(part.train.seed, part.train.replicates)
-        resuming = resume and layout.state.is_file()
+        resuming = resume and layout.state.exists()
         resume_id = json.loads(layout.run_record.read_text())["run_id"] if resuming and layout.run_record.is_file() else None
         ctx = (
             tracker.training(partition, layout.dataset, part.model_dump(mode="json"), info, seeds, files, stage, resume_id)
@@ -141,9 +141,10 @@ def train_partition(
                     "checkpoint": part.embed.checkpoint,
                     "chosen_homology_rank": [float(x) for x in chosen],
                     "epochs_run": [int(x) for x in result.summary["epochs_run"]],
+                    "seconds": result.seconds,
                 },
             )
-            layout.state.unlink(missing_ok=True)  # finished: the resume state is no longer needed
+            layout.state.remove()  # finished: the resume state is no longer needed
         outcomes.append(TrainOutcome(partition, layout.dataset, layout, run.parent_id if run else None, result.summary, chosen))
     return outcomes
 
@@ -160,11 +161,13 @@ def _track_training(
 ) -> None:
     from transdnn.plots import curves
 
-    pngs = []
     with tempfile.TemporaryDirectory() as tmp:
-        for r, frame in result.history.groupby("replicate"):
-            pngs.append(curves(frame, Path(tmp) / f"curves_replicate_{r}.png", f"{meta['partition']} replicate {r}"))
-        run.log_summary(result.summary, chosen, history_files, pngs)
+        png = curves(
+            result.history, Path(tmp) / "curves.png", f"{meta['partition']} {meta['dataset']}: {len(history_files)} replicates"
+        )
+        run.log_summary(result.summary, chosen, history_files)
+        run.log_parent_metrics({f"seconds_{part}": value for part, value in result.seconds.items()})
+        run.log_artifacts(None, [png], "plots")
         stored = _stored(result, meta, kind)
         files = []
         for r in range(stored.replicates):

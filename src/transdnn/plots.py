@@ -14,16 +14,19 @@ from transdnn.atomic import write_with
 
 
 def curves(history: pd.DataFrame, path: Path, title: str) -> Path:
-    """Loss, accuracy and homology rank per epoch of one replicate."""
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
-    for col in ("train_loss", "valid_loss"):
-        axes[0].plot(history["epoch"], history[col], label=col)
-    for col in ("train_acc", "valid_acc"):
-        axes[1].plot(history["epoch"], history[col], label=col)
-    axes[2].plot(history["epoch"], history["homology_rank"], label="homology_rank")
-    for ax in axes:
+    """Loss, accuracy and homology rank per epoch, one line per replicate: one figure per training
+    (the per-replicate curves are the child runs' metrics, which the MLflow UI draws itself)."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    panels = (("train_loss", "valid_loss"), ("train_acc", "valid_acc"), ("homology_rank",))
+    for r, frame in history.groupby("replicate"):
+        color = f"C{int(r) % 10}"
+        for ax, cols in zip(axes, panels, strict=True):
+            for col, style in zip(cols, ("-", "--"), strict=False):
+                ax.plot(frame["epoch"], frame[col], style, color=color, linewidth=1, label=f"r{r}" if col == cols[0] else None)
+    for ax, cols in zip(axes, panels, strict=True):
         ax.set_xlabel("epoch")
-        ax.legend(fontsize=7)
+        ax.set_ylabel(" / ".join(cols) + (" (dashed)" if len(cols) == 2 else ""))
+    axes[2].legend(fontsize=6, ncol=2)
     fig.suptitle(title)
     fig.tight_layout()
     write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=80))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pickle
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from transdnn.atomic import write_with
+from transdnn.atomic import AlternatingFile
 from transdnn.data import PartitionInputs, TrainingSet
 from transdnn.errors import ConfigError, InputError
 from transdnn.homology import homology_rank, pair_indices, pearson
@@ -86,6 +87,7 @@ class TrainResult:
     scaler_std: torch.Tensor  # (R, G)
     history: pd.DataFrame  # one row per replicate-epoch
     summary: pd.DataFrame  # one row per replicate
+    seconds: dict[str, float]  # wall time per part of the epochs this process ran (see Trainer.seconds)
 
 
 @dataclass
@@ -164,6 +166,20 @@ class Trainer:
         self.epoch = 0
         self.rows: list[pd.DataFrame] = []
         self.autocast = self.cfg.precision == "bf16"
+        # Where the epochs' time goes: the training pass, and the per-epoch work beyond it.
+        self.seconds = dict.fromkeys(
+            ("train_pass", "validation", "homology_rank", "bookkeeping", "tracking", "resume_state"), 0.0
+        )
+        self.seconds["epochs"] = 0
+
+    @contextmanager
+    def timed(self, part: str) -> Iterator[None]:
+        """Add the wall time of a block to `seconds[part]` (device work included: CUDA is synchronised)."""
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds[part] += time.perf_counter() - start
 
     def _prepare_homology(self, inputs: PartitionInputs) -> None:
         self.human_regions = inputs.human.regions
@@ -287,9 +303,27 @@ class Trainer:
     def step_epoch(self) -> pd.DataFrame:
         """Run one epoch for every active replicate; return its metrics (one row per active replicate)."""
         lr = self.optimizer.param_groups[0]["lr"]
-        train_loss, train_acc = self._train_pass()
-        valid_loss, valid_acc = self._valid_pass()
-        rank = self._rank()
+        with self.timed("train_pass"):
+            train_loss, train_acc = self._train_pass()
+        with self.timed("validation"):
+            valid_loss, valid_acc = self._valid_pass()
+        with self.timed("homology_rank"):
+            rank = self._rank()
+        with self.timed("bookkeeping"):
+            metrics = self._bookkeeping(lr, train_loss, train_acc, valid_loss, valid_acc, rank)
+        self.seconds["epochs"] += 1
+        return metrics
+
+    def _bookkeeping(
+        self,
+        lr: float,
+        train_loss: torch.Tensor,
+        train_acc: torch.Tensor,
+        valid_loss: torch.Tensor,
+        valid_acc: torch.Tensor,
+        rank: torch.Tensor,
+    ) -> pd.DataFrame:
+        """Best trackers, checkpoint snapshots, early stopping and the scheduler, after an epoch."""
         active = self.active.cpu()
         vl, rk = valid_loss.double().cpu(), rank.double().cpu()
         better_loss = active & (vl <= self.best["valid_loss"])
@@ -401,6 +435,7 @@ class Trainer:
             scaler_std=self.std.cpu(),
             history=history,
             summary=summary,
+            seconds=dict(self.seconds),
         )
 
 
@@ -410,29 +445,32 @@ def train(
     settings: PartitionSettings,
     device: torch.device,
     sink: TrainingSink | None = None,
-    state_path: Path | None = None,
+    state: AlternatingFile | None = None,
     resume: bool = False,
 ) -> TrainResult:
     """Train all replicates of one partition on one training set.
 
-    With `state_path`, the full training state is written there atomically every `state_every` epochs,
+    With `state`, the full training state is written there atomically every `state_every` epochs,
     and `resume=True` continues from it: the replayed epochs are deterministic, so a killed run finishes
     with the weights of an uninterrupted one.
     """
     sink = sink or NullSink()
     trainer = Trainer(train_set, inputs, settings, device)
-    if resume and state_path is not None and state_path.is_file():
-        trainer.load_state_dict(load_state(state_path))
+    current = state.current() if resume and state is not None else None
+    if current is not None:
+        trainer.load_state_dict(load_state(current))
 
     def save() -> None:
-        if state_path is not None:
-            write_with(state_path, lambda tmp: torch.save(trainer.state_dict(), tmp), durable=False)
+        if state is not None:
+            with trainer.timed("resume_state"):
+                state.write(lambda fh: torch.save(trainer.state_dict(), fh))
 
     every = settings.train.state_every
     with _stop_after_epoch_on_sigint() as stop:
         while not trainer.done:
             metrics = trainer.step_epoch()
-            sink.on_epoch(trainer.epoch - 1, metrics)
+            with trainer.timed("tracking"):
+                sink.on_epoch(trainer.epoch - 1, metrics)
             if stop.requested:
                 save()  # Ctrl-C: keep the last complete epoch, then stop
                 raise KeyboardInterrupt

@@ -109,6 +109,18 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, float,
     return info["__wall"], info["__peak"], "\n".join(out.strip().splitlines()[:-1])
 
 
+def describe_machine() -> dict:
+    import platform
+
+    import torch
+
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in line), ""
+    )
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu or platform.processor(), "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__}
+
+
 def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -206,21 +218,24 @@ def bench_reference(case: Case, wheel: Path, deps: Path, work: Path) -> Measure:
     return Measure(info["wall"], peak, dir_bytes(out), float(np.mean(ranks)), epochs, extra)
 
 
-def bench_transdnn(case: Case, work: Path) -> Measure:
+def bench_transdnn(case: Case, work: Path, precision: str) -> Measure:
     p = paths(case)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     part = params[case.partition]
     part["data"] = p.data_section()
-    part["train"].update(replicates=case.replicates, max_epochs=case.epochs, device="cpu")
-    part["out"] = str(work / "transdnn")
-    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    part["train"].update(replicates=case.replicates, max_epochs=case.epochs, device="auto", precision=precision)
+    part["out"] = str(work / f"transdnn-{precision}")
+    params_file = work / f"params-{precision}.yaml"
+    params_file.write_text(yaml.safe_dump(params))
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
-    wall_t, peak_t, _ = run_measured(["transdnn", "train", case.partition, "--params", str(work / "params.yaml")], env)
-    wall_e, peak_e, _ = run_measured(["transdnn", "embed", case.partition, "--params", str(work / "params.yaml")], env)
-    root = work / "transdnn"
-    summary = pd.read_csv(root / "train" / "Integrated_dataset_0" / "train_summary.csv")
+    wall_t, peak_t, _ = run_measured(["transdnn", "train", case.partition, "--params", str(params_file)], env)
+    wall_e, peak_e, _ = run_measured(["transdnn", "embed", case.partition, "--params", str(params_file)], env)
+    root = work / f"transdnn-{precision}"
+    train_root = root / "train" / "Integrated_dataset_0"
+    summary = pd.read_csv(train_root / "train_summary.csv")
+    seconds = json.loads((train_root / "train.json").read_text())["seconds"]
     metrics = json.loads((root / "metrics.json").read_text())["Integrated_dataset_0"]
-    ckpt = dir_bytes(root / "train")
+    beyond = sum(v for k, v in seconds.items() if k not in ("train_pass", "epochs"))
     return Measure(
         wall_t + wall_e,
         max(peak_t, peak_e),
@@ -228,33 +243,22 @@ def bench_transdnn(case: Case, work: Path) -> Measure:
         metrics["homology_rank_mean"],
         case.replicates * int(summary.epochs_run.max()),
         {
-            "tracked_bytes": dir_bytes(work / "mlartifacts") if (work / "mlartifacts").exists() else 0,
-            "checkpoint_bytes": ckpt,
+            "checkpoint_bytes": dir_bytes(train_root / "checkpoints"),
             "epochs_run": int(summary.epochs_run.max()),
+            "steps": int(summary.n_train_rows.max()) // int(part["train"]["batch_size"]),
             "train_s": wall_t,
             "embed_s": wall_e,
+            "seconds": seconds,
+            "per_epoch_overhead": beyond / seconds["train_pass"],
         },
     )
 
 
-def bench_ideal(case: Case, rows: int, genes: int, classes: int, epochs: int) -> Measure:
+def bench_ideal(case: Case, rows: int, genes: int, classes: int, epochs: int, steps: int, precision: str) -> Measure:
+    args = {"rows": rows, "genes": genes, "classes": classes, "replicates": case.replicates, "epochs": epochs}
+    args |= {"batch": 256, "steps": steps, "precision": precision}
     _, peak, stdout = run_measured(
-        [
-            sys.executable,
-            str(HERE / "ideal_loop.py"),
-            "--rows",
-            str(rows),
-            "--genes",
-            str(genes),
-            "--classes",
-            str(classes),
-            "--replicates",
-            str(case.replicates),
-            "--epochs",
-            str(epochs),
-            "--batch",
-            "256",
-        ]
+        [sys.executable, str(HERE / "ideal_loop.py"), *(x for k, v in args.items() for x in (f"--{k}", str(v)))]
     )
     return Measure(json.loads(stdout.strip().splitlines()[-1])["wall"], peak, 0, float("nan"), case.replicates * epochs)
 
@@ -306,8 +310,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="2 replicates x 3 epochs (smoke run)")
     ap.add_argument("--skip-100k", action="store_true", help="skip the 100k-row memory check")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--precisions", default="fp32,bf16", help="transdnn/ideal precisions to run, comma-separated")
     a = ap.parse_args()
     R, E = (2, 3) if a.quick else (10, 50)
+    precisions = a.precisions.split(",")
     cases = [
         Case("cortex 5k rows", "cortex", 6, 8, R, E),
         # the reference divides by zero when validation holds < 256 rows, as on the default 1k-row subcortex set
@@ -315,6 +321,8 @@ def main() -> None:
         Case("cortex 50k rows", "cortex", 6, 80, 2, 2 if a.quick else 3),
     ]
     wheel, deps = fetch_reference()
+    machine = describe_machine()
+    print("machine:", json.dumps(machine))
     results = []
     for case in cases:
         synth(case)
@@ -324,24 +332,18 @@ def main() -> None:
 
             shutil.rmtree(work)
         work.mkdir(parents=True)
-        ref = bench_reference(case, wheel, deps, work)
-        ours = bench_transdnn(case, work)
         p = paths(case)
         genes = len(pd.read_csv(p.genes))
         classes = 105 if case.partition == "cortex" else 22
         rows = case.samples * case.cells * classes
-        ideal = bench_ideal(case, rows, genes, classes, ours.extra["epochs_run"])
-        results.append(
-            {
-                "case": case.name,
-                "replicates": case.replicates,
-                "max_epochs": case.epochs,
-                "reference": ref.__dict__,
-                "transdnn": ours.__dict__,
-                "ideal": ideal.__dict__,
-            }
-        )
-        print_case(results[-1])
+        result = {"case": case.name, "replicates": case.replicates, "max_epochs": case.epochs, "transdnn": {}, "ideal": {}}
+        result["reference"] = bench_reference(case, wheel, deps, work).__dict__
+        for precision in precisions:
+            ours = bench_transdnn(case, work, precision)
+            ideal = bench_ideal(case, rows, genes, classes, ours.extra["epochs_run"], ours.extra["steps"], precision)
+            result["transdnn"][precision], result["ideal"][precision] = ours.__dict__, ideal.__dict__
+        results.append(result)
+        print_case(result)
     big = next(c for c in cases if "50k" in c.name)
     scaling = {"50k": loading_and_split(big), "5k": loading_and_split(cases[0])}
     print("\nloading and split (s):", json.dumps(scaling, indent=1))
@@ -351,32 +353,45 @@ def main() -> None:
             f"\npeak memory, {mem['rows']}-row cortex set: {mem['peak_mb']:.0f} MB (limit 1.5 x {mem['selected_mb']:.0f} MB + 1 GiB = {mem['limit_mb']:.0f} MB)"
         )
     if a.json:
-        a.json.write_text(json.dumps({"cases": results, "scaling": scaling, "memory_100k": mem}, indent=1, default=float))
+        a.json.write_text(
+            json.dumps({"machine": machine, "cases": results, "scaling": scaling, "memory_100k": mem}, indent=1, default=float)
+        )
 
 
 def print_case(r: dict) -> None:
-    ref, ours, ideal = r["reference"], r["transdnn"], r["ideal"]
-    rows = []
-    for name, m in (("reference", ref), ("transdnn", ours), ("ideal loop", ideal)):
-        rows.append(
-            {
-                "impl": name,
-                "wall s": round(m["wall"], 1),
-                "ms/replicate-epoch": round(1000 * m["wall"] / max(m["replicate_epochs"], 1), 1),
-                "peak MB": round(m["peak_mb"]),
-                "written MB": round(m["out_bytes"] / 2**20, 1),
-                "homology rank": round(m["rank"], 2),
-            }
-        )
+    ref = r["reference"]
+    measured = [("reference", ref)]
+    for precision in r["transdnn"]:
+        measured += [(f"transdnn {precision}", r["transdnn"][precision]), (f"ideal loop {precision}", r["ideal"][precision])]
+    rows = [
+        {
+            "impl": name,
+            "wall s": round(m["wall"], 1),
+            "ms/replicate-epoch": round(1000 * m["wall"] / max(m["replicate_epochs"], 1), 1),
+            "peak MB": round(m["peak_mb"]),
+            "written MB": round(m["out_bytes"] / 2**20, 1),
+            "homology rank": round(m["rank"], 2),
+        }
+        for name, m in measured
+    ]
     print(f"\n== {r['case']} ({r['replicates']} replicates, up to {r['max_epochs']} epochs)")
     print(pd.DataFrame(rows).to_string(index=False))
-    ref_ms = ref["wall"] / ref["replicate_epochs"]
-    our_ms = ours["wall"] / ours["replicate_epochs"]
+    ratios = []
+    for precision, ours in r["transdnn"].items():
+        ideal = r["ideal"][precision]
+        ratios.append(
+            {
+                "transdnn": precision,
+                "speed-up vs reference": f"{ref['wall'] / ours['wall']:.2f}x",
+                "overhead vs ideal (train)": f"{ours['extra']['train_s'] / ideal['wall']:.2f}x",
+                "overhead vs ideal (train+embed)": f"{ours['wall'] / ideal['wall']:.2f}x",
+                "per-epoch work beyond the pass": f"{ours['extra']['per_epoch_overhead']:.1%}",
+                "bytes vs reference": f"{ours['out_bytes'] / max(ref['out_bytes'], 1):.1%}",
+                "checkpoints MB": round(ours["extra"]["checkpoint_bytes"] / 2**20),
+            }
+        )
+    print(pd.DataFrame(ratios).to_string(index=False))
     print(
-        f"speed-up over reference: {ref['wall'] / ours['wall']:.2f}x wall, {ref_ms / our_ms:.2f}x per replicate-epoch; "
-        f"overhead over ideal: {ours['extra']['train_s'] / ideal['wall']:.2f}x (train) {ours['wall'] / ideal['wall']:.2f}x (train+embed); "
-        f"bytes: {ours['out_bytes'] / max(ref['out_bytes'], 1):.1%} of reference "
-        f"(checkpoints {ours['extra']['checkpoint_bytes'] / 2**20:.0f} MB; CSV/JSON {(ours['out_bytes'] - ours['extra']['checkpoint_bytes']) / 2**20:.1f} MB); "
         f"reference split {ref['extra']['split_s']:.2f} s/replicate; "
         f"reference replicates without a best-valid checkpoint: {ref['extra']['skipped_replicates']}"
     )

@@ -91,6 +91,9 @@ class _Progress:
     def on_epoch(self, epoch: int, metrics) -> None:  # type: ignore[no-untyped-def]
         self.bar.update(len(metrics))
 
+    def flush(self) -> None:
+        return None
+
     def close(self) -> None:
         self.bar.__exit__(None, None, None)
 

@@ -40,6 +40,10 @@ class _Fanout:
         for s in self.sinks:
             s.on_epoch(epoch, metrics)
 
+    def flush(self) -> None:
+        for s in self.sinks:
+            s.flush()
+
 
 @dataclass(frozen=True)
 class TrainOutcome:

@@ -32,6 +32,8 @@ from transdnn.settings import TrackingSettings
 
 T = TypeVar("T")
 PARENT_ROLE = "training"
+FLUSH_SECONDS = 10.0  # how stale the MLflow UI's per-epoch curves may be during a training
+MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch
 _MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
 _PACKAGE_DIR = Path(__file__).parent
 
@@ -54,6 +56,8 @@ def configure(settings: TrackingSettings, project: Path) -> str:
     """Point MLflow at the store: MLFLOW_TRACKING_URI, else params.yaml's `tracking.uri`, else the default."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or settings.uri or default_uri(project)
     mlflow.set_tracking_uri(uri)
+    # MLflow draws two "Downloading artifacts" bars per logged model (10 per training) on stderr.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     return uri
 
 
@@ -167,15 +171,28 @@ class TrainingRun:
         self.client = client
         self.parent_id = parent_id
         self.children = children
+        self._pending: dict[int, list[Metric]] = {}
+        self._flushed = time.monotonic()
 
     def on_epoch(self, epoch: int, metrics: pd.DataFrame) -> None:
+        """Per-epoch metrics go out every FLUSH_SECONDS (and at each resume state and at the end), not
+        every epoch: one store round trip per replicate per flush instead of per epoch."""
         now = int(time.time() * 1000)
         for row in metrics.itertuples(index=False):
-            values = [
+            self._pending.setdefault(int(row.replicate), []).extend(
                 Metric(k, float(getattr(row, k)), now, epoch)
                 for k in ("train_loss", "train_acc", "valid_loss", "valid_acc", "homology_rank", "lr")
-            ]
-            retry(lambda values=values, r=int(row.replicate): self.client.log_batch(self.children[r], metrics=values))
+            )
+        if time.monotonic() - self._flushed >= FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        for r, values in self._pending.items():
+            for start in range(0, len(values), MAX_METRICS_PER_BATCH):
+                chunk = values[start : start + MAX_METRICS_PER_BATCH]
+                retry(lambda chunk=chunk, r=r: self.client.log_batch(self.children[r], metrics=chunk))
+        self._pending.clear()
+        self._flushed = time.monotonic()
 
     def log_summary(self, summary: pd.DataFrame, chosen_ranks: np.ndarray, history_files: list[Path]) -> None:
         """Final metrics and history artifacts of each replicate."""
@@ -233,6 +250,7 @@ class TrainingRun:
         retry(lambda: self.client.log_batch(self.parent_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()]))
 
     def end(self, status: str) -> None:
+        self.flush()
         for run in [*self.children, self.parent_id]:
             retry(lambda run=run: self.client.set_terminated(run, status))
 

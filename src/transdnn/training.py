@@ -40,9 +40,16 @@ class TrainingSink(Protocol):
     def on_epoch(self, epoch: int, metrics: pd.DataFrame) -> None:
         """`metrics`: one row per replicate still training, columns `replicate` + EPOCH_METRICS."""
 
+    def flush(self) -> None:
+        """Make everything reported so far durable; called before each resume state is written, so a
+        resumed run replays exactly the epochs whose reports may have been lost."""
+
 
 class NullSink:
     def on_epoch(self, epoch: int, metrics: pd.DataFrame) -> None:
+        return None
+
+    def flush(self) -> None:
         return None
 
 
@@ -462,6 +469,8 @@ def train(
 
     def save() -> None:
         if state is not None:
+            with trainer.timed("tracking"):
+                sink.flush()
             with trainer.timed("resume_state"):
                 state.write(lambda fh: torch.save(trainer.state_dict(), fh))
 

@@ -28,6 +28,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 CACHE = Path(os.environ.get("BENCH_CACHE", Path.home() / ".cache" / "transdnn-bench"))
+# the CLI of the environment running this script, activated or not
+TRANSDNN = str(Path(sys.executable).with_name("transdnn")) if Path(sys.executable).with_name("transdnn").exists() else "transdnn"
 REFERENCE_DEPS = ["skorch==1.4.0", "scikit-learn", "tabulate", "tqdm", "joblib", "threadpoolctl"]
 
 
@@ -228,8 +230,8 @@ def bench_transdnn(case: Case, work: Path, precision: str) -> Measure:
     params_file = work / f"params-{precision}.yaml"
     params_file.write_text(yaml.safe_dump(params))
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
-    wall_t, peak_t, _ = run_measured(["transdnn", "train", case.partition, "--params", str(params_file)], env)
-    wall_e, peak_e, _ = run_measured(["transdnn", "embed", case.partition, "--params", str(params_file)], env)
+    wall_t, peak_t, _ = run_measured([TRANSDNN, "train", case.partition, "--params", str(params_file)], env)
+    wall_e, peak_e, _ = run_measured([TRANSDNN, "embed", case.partition, "--params", str(params_file)], env)
     root = work / f"transdnn-{precision}"
     train_root = root / "train" / "Integrated_dataset_0"
     summary = pd.read_csv(train_root / "train_summary.csv")
@@ -299,7 +301,7 @@ def memory_100k(rows_target: int = 100_000) -> dict:
     params["cortex"]["train"].update(replicates=1, max_epochs=1, device="cpu")
     params["cortex"]["out"] = str(work / "out")
     (work / "params.yaml").write_text(yaml.safe_dump(params))
-    _, peak, _ = run_measured(["transdnn", "train", "cortex", "--params", str(work / "params.yaml"), "--no-track"])
+    _, peak, _ = run_measured([TRANSDNN, "train", "cortex", "--params", str(work / "params.yaml"), "--no-track"])
     rows = case.samples * case.cells * 105
     selected_mb = rows * len(pd.read_csv(p.genes)) * 4 / 2**20
     return {"rows": rows, "selected_mb": selected_mb, "peak_mb": peak, "limit_mb": 1.5 * selected_mb + 1024}

@@ -98,3 +98,21 @@ def test_cuda_matches_cpu_closely(params: Path, tiny: TinyData):
     cpu = train(ts, inputs, part, torch.device("cpu"))
     gpu = train(ts, inputs, part, torch.device("cuda"))
     assert np.allclose(cpu.history.valid_loss, gpu.history.valid_loss, rtol=1e-3, atol=1e-3)
+
+
+def test_bf16_autocast_tracks_fp32_closely(params: Path, tiny: TinyData):
+    """The opt-in bf16 path (the same code CUDA runs, under autocast) learns what fp32 learns."""
+    part, inputs, ts = _setup(params, tiny, max_epochs=6)
+    fp32 = train(ts, inputs, part, torch.device("cpu"))
+    bf16 = train(ts, inputs, override(part, "train", precision="bf16"), torch.device("cpu"))
+    assert all(t.dtype == torch.float32 for t in bf16.checkpoints["last"].values()), "weights stay fp32"
+    assert np.allclose(fp32.history.valid_loss, bf16.history.valid_loss, rtol=0.05, atol=0.02)
+    assert abs(fp32.history.homology_rank.iloc[-1] - bf16.history.homology_rank.iloc[-1]) <= 1.0
+
+
+def test_epoch_time_is_accounted_for(params: Path, tiny: TinyData):
+    part, inputs, ts = _setup(params, tiny, max_epochs=3)
+    seconds = train(ts, inputs, part, torch.device("cpu")).seconds
+    assert seconds["epochs"] == 3
+    assert seconds["train_pass"] > 0 and seconds["validation"] > 0 and seconds["homology_rank"] > 0
+    assert seconds["resume_state"] == 0, "no state file was asked for"

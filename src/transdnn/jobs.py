@@ -46,6 +46,20 @@ class _Fanout:
 
 
 @dataclass(frozen=True)
+class RunSpec:
+    """What a training's parent run records: which partition and data set, the effective settings, the
+    data shapes, the replicate seeds, the input files (digested for lineage) and the DVC stage."""
+
+    partition: str
+    dataset: str
+    params: dict[str, Any]
+    info: dict[str, Any]
+    seeds: list[int]
+    inputs: dict[str, Path]
+    stage: str | None = None
+
+
+@dataclass(frozen=True)
 class TrainOutcome:
     partition: str
     dataset: str
@@ -104,28 +118,30 @@ def train_partition(
         check_training_regions(train_set, inputs.homology)
         check_shapes(train_set, part)  # before anything is written
         layout = RunLayout.for_training_file(part.out, path)
-        files = {
-            "train": path,
-            "human": part.data.human,
-            "mouse": part.data.mouse,
-            "genes": part.data.genes,
-            "homology": part.data.homology,
-        }
-        info = {
-            "rows": train_set.X.shape[0],
-            "genes": train_set.X.shape[1],
-            "regions": len(train_set.regions),
-            "samples": train_set.n_samples,
-            "device": str(device),
-        }
-        seeds = seeds_for(part.train.seed, part.train.replicates)
+        spec = RunSpec(
+            partition=partition,
+            dataset=layout.dataset,
+            params=part.model_dump(mode="json"),
+            info={
+                "rows": train_set.X.shape[0],
+                "genes": train_set.X.shape[1],
+                "regions": len(train_set.regions),
+                "samples": train_set.n_samples,
+                "device": str(device),
+            },
+            seeds=seeds_for(part.train.seed, part.train.replicates),
+            inputs={
+                "train": path,
+                "human": part.data.human,
+                "mouse": part.data.mouse,
+                "genes": part.data.genes,
+                "homology": part.data.homology,
+            },
+            stage=stage,
+        )
         resuming = resume and layout.state.exists()
         resume_id = json.loads(layout.run_record.read_text())["run_id"] if resuming and layout.run_record.is_file() else None
-        ctx = (
-            tracker.training(partition, layout.dataset, part.model_dump(mode="json"), info, seeds, files, stage, resume_id)
-            if tracker
-            else nullcontext()
-        )
+        ctx = tracker.training(spec, resume_id) if tracker else nullcontext()
         with ctx as run:
             write_json(layout.run_record, {"run_id": run.parent_id if run else None})
             result = train(train_set, inputs, part, device, _Fanout(run, progress), layout.state, resuming)

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import mlflow
 import numpy as np
@@ -29,6 +29,9 @@ from mlflow.tracking import MlflowClient
 import transdnn
 from transdnn.errors import TrackingError
 from transdnn.settings import TrackingSettings
+
+if TYPE_CHECKING:
+    from transdnn.jobs import RunSpec
 
 T = TypeVar("T")
 PARENT_ROLE = "training"
@@ -265,23 +268,11 @@ class Tracker:
         self.project = project
 
     @contextmanager
-    def training(
-        self,
-        partition: str,
-        dataset: str,
-        params: dict[str, Any],
-        info: dict[str, Any],
-        seeds: list[int],
-        inputs: dict[str, Path],
-        stage: str | None = None,
-        resume_run_id: str | None = None,
-    ) -> Iterator[TrainingRun]:
+    def training(self, spec: RunSpec, resume_run_id: str | None = None) -> Iterator[TrainingRun]:
         """A parent run with one child per replicate; ends FINISHED, FAILED or KILLED, never RUNNING.
 
         `resume_run_id` reopens the runs of a killed training instead of creating new ones."""
-        run = (
-            self._resume(resume_run_id) if resume_run_id else self._create(partition, dataset, params, info, seeds, inputs, stage)
-        )
+        run = self._resume(resume_run_id) if resume_run_id else self._create(spec)
         try:
             yield run
         except KeyboardInterrupt:
@@ -298,31 +289,23 @@ class Tracker:
             retry(lambda rid=rid: self.client.update_run(rid, status="RUNNING"))
         return run
 
-    def _create(
-        self,
-        partition: str,
-        dataset: str,
-        params: dict[str, Any],
-        info: dict[str, Any],
-        seeds: list[int],
-        inputs: dict[str, Path],
-        stage: str | None,
-    ) -> TrainingRun:
+    def _create(self, spec: RunSpec) -> TrainingRun:
+        partition, dataset, inputs = spec.partition, spec.dataset, spec.inputs
         tags = {
             "partition": partition,
             "dataset": dataset,
             "transdnn.role": PARENT_ROLE,
             "mlflow.runName": f"{partition}-{dataset}",
         }
-        if stage:
-            tags["dvc.stage"] = stage
+        if spec.stage:
+            tags["dvc.stage"] = spec.stage
         digests = {name: file_digest(path) for name, path in inputs.items()}
         tags.update({f"md5.{name}": d for name, d in digests.items()})
         parent = retry(lambda: self.client.create_run(self.experiment_id, tags=tags))
         pid = parent.info.run_id
         flat = {
-            **flatten("", params),
-            **{k: str(v) for k, v in info.items()},
+            **flatten("", spec.params),
+            **{k: str(v) for k, v in spec.info.items()},
             "transdnn_version": transdnn.__version__,
             "git_commit": git_commit(self.project),
         }
@@ -336,7 +319,7 @@ class Tracker:
                 ds = MetaDataset(resolve_dataset_source(str(path.resolve())), name=f"{name}:{path.name}", digest=digests[name])
                 mlflow.log_input(ds, context="training" if name.startswith("train") else name)
         children = []
-        for r, seed in enumerate(seeds):
+        for r, seed in enumerate(spec.seeds):
             ctags = {
                 "partition": partition,
                 "dataset": dataset,

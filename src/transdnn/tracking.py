@@ -11,6 +11,7 @@ import hashlib
 import os
 import subprocess
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -136,6 +137,14 @@ def flatten(prefix: str, value: Any) -> dict[str, str]:
             out.update(flatten(f"{prefix}.{k}" if prefix else str(k), v))
         return out
     return {prefix: str(value)}
+
+
+def _local_source(path: Path) -> Any:
+    """The dataset source of a local input file. MLflow registers two local-file source classes and
+    warns, for every input, that it picked the first: the pick is right, the warning is noise."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+        return resolve_dataset_source(str(path.resolve()))
 
 
 class _LibyamlDump:
@@ -316,7 +325,7 @@ class Tracker:
             )
         with mlflow.start_run(run_id=pid):
             for name, path in inputs.items():
-                ds = MetaDataset(resolve_dataset_source(str(path.resolve())), name=f"{name}:{path.name}", digest=digests[name])
+                ds = MetaDataset(_local_source(path), name=f"{name}:{path.name}", digest=digests[name])
                 mlflow.log_input(ds, context="training" if name.startswith("train") else name)
         children = []
         for r, seed in enumerate(spec.seeds):

@@ -21,6 +21,7 @@ from transdnn.checkpoints import RunLayout, StoredModel, load_model, save_model
 from transdnn.data import PartitionInputs, check_training_regions, load_partition_inputs, load_training_set, read_gene_list
 from transdnn.embed import embed_inputs, embed_metrics, write_embeddings
 from transdnn.evaluate import independent_test
+from transdnn.lineage import RunSpec
 from transdnn.model import seeds_for
 from transdnn.settings import CHECKPOINTS, DataPaths, PartitionSettings
 from transdnn.training import TrainingSink, TrainResult, check_shapes, train
@@ -43,20 +44,6 @@ class _Fanout:
     def flush(self) -> None:
         for s in self.sinks:
             s.flush()
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """What a training's parent run records: which partition and data set, the effective settings, the
-    data shapes, the replicate seeds, the input files (digested for lineage) and the DVC stage."""
-
-    partition: str
-    dataset: str
-    params: dict[str, Any]
-    info: dict[str, Any]
-    seeds: list[int]
-    inputs: dict[str, Path]
-    stage: str | None = None
 
 
 @dataclass(frozen=True)

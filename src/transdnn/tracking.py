@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import mlflow
 import numpy as np
@@ -29,10 +29,8 @@ from mlflow.tracking import MlflowClient
 
 import transdnn
 from transdnn.errors import TrackingError
+from transdnn.lineage import RunSpec
 from transdnn.settings import TrackingSettings
-
-if TYPE_CHECKING:
-    from transdnn.jobs import RunSpec
 
 T = TypeVar("T")
 PARENT_ROLE = "training"

@@ -205,6 +205,30 @@ def test_checkpoint_never_written_exits_2(tmp_path: Path, params: Path):
     assert code == 2 and "best_rank" in err and "never written" in err
 
 
+def _damaged_state(params: Path, write) -> None:
+    from transdnn.checkpoints import RunLayout
+    from transdnn.settings import load_settings
+
+    part = load_settings(params).cortex
+    RunLayout.for_training_file(part.out, part.data.train_paths[0]).state.write(write)
+
+
+def test_damaged_resume_state_exits_2_before_any_write(tmp_path: Path, params: Path):
+    _damaged_state(params, lambda fh: fh.write(b"PK\x03\x04 not a whole state"))
+    code, err = _run_bad(tmp_path, ["train", "cortex", "--params", str(params), "--no-track", "--resume"])
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "state.0.pt" in err and "unusable resume state" in err
+
+
+def test_resume_state_of_another_training_exits_2(tmp_path: Path, params: Path):
+    import torch
+
+    _damaged_state(params, lambda fh: torch.save({"model": {"weights.0": torch.zeros(3, 7, 5)}}, fh))
+    code, err = _run_bad(tmp_path, ["train", "cortex", "--params", str(params), "--no-track", "--resume"])
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "resume state is for (replicates, genes, hidden) = (3, 7, 5)" in err
+
+
 def test_output_sizes_are_checked_against_params(tmp_path: Path, params: Path):
     raw = yaml.safe_load(params.read_text())
     raw["cortex"]["model"]["input_units"] = 4542

@@ -24,7 +24,7 @@ from transdnn.evaluate import independent_test
 from transdnn.lineage import RunSpec
 from transdnn.model import seeds_for
 from transdnn.settings import CHECKPOINTS, DataPaths, PartitionSettings
-from transdnn.training import TrainingSink, TrainResult, check_shapes, train
+from transdnn.training import TrainingSink, TrainResult, check_shapes, load_state, train
 
 EXAMPLE_ROWS = 3
 
@@ -126,12 +126,18 @@ def train_partition(
             },
             stage=stage,
         )
-        resuming = resume and layout.state.exists()
-        resume_id = json.loads(layout.run_record.read_text())["run_id"] if resuming and layout.run_record.is_file() else None
+        current = layout.state.current() if resume else None
+        resume_from = load_state(current, train_set, part) if current is not None else None  # before any write
+        resume_id = (
+            json.loads(layout.run_record.read_text())["run_id"]
+            if resume_from is not None and layout.run_record.is_file()
+            else None
+        )
         ctx = tracker.training(spec, resume_id) if tracker else nullcontext()
         with ctx as run:
-            write_json(layout.run_record, {"run_id": run.parent_id if run else None})
-            result = train(train_set, inputs, part, device, _Fanout(run, progress), layout.state, resuming)
+            if run is not None or resume_from is None:  # an untracked resume keeps the killed run's record
+                write_json(layout.run_record, {"run_id": run.parent_id if run else None})
+            result = train(train_set, inputs, part, device, _Fanout(run, progress), layout.state, resume_from)
             meta = _meta(partition, part, result, layout.dataset)
             history_files = _save_training(result, layout, meta)
             chosen = embed_inputs(_stored(result, meta, part.embed.checkpoint), inputs, device).ranks

@@ -453,19 +453,18 @@ def train(
     device: torch.device,
     sink: TrainingSink | None = None,
     state: AlternatingFile | None = None,
-    resume: bool = False,
+    resume_from: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train all replicates of one partition on one training set.
 
-    With `state`, the full training state is written there atomically every `state_every` epochs,
-    and `resume=True` continues from it: the replayed epochs are deterministic, so a killed run finishes
-    with the weights of an uninterrupted one.
+    With `state`, the full training state is written there atomically every `state_every` epochs;
+    `resume_from` (a state read back by `load_state`) continues from one: the replayed epochs are
+    deterministic, so a killed run finishes with the weights of an uninterrupted one.
     """
     sink = sink or NullSink()
     trainer = Trainer(train_set, inputs, settings, device)
-    current = state.current() if resume and state is not None else None
-    if current is not None:
-        trainer.load_state_dict(load_state(current))
+    if resume_from is not None:
+        trainer.load_state_dict(resume_from)
 
     def save() -> None:
         if state is not None:
@@ -512,11 +511,20 @@ def _stop_after_epoch_on_sigint() -> Iterator[_StopFlag]:
         signal.signal(signal.SIGINT, previous)
 
 
-def load_state(path: Path) -> dict[str, Any]:
-    """A resume state, loaded without executing any pickled code."""
+def load_state(path: Path, train_set: TrainingSet, settings: PartitionSettings) -> dict[str, Any]:
+    """A resume state, loaded without executing any pickled code and checked against the training it
+    should continue, so a wrong or damaged file is rejected before anything is written."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
         raise InputError(
             f"{path}: unusable resume state ({str(exc).splitlines()[0][:160]}); expected one written by `transdnn train`"
         ) from None
+    expected = (settings.train.replicates, train_set.X.shape[1], settings.model.hidden_units[0])
+    found = tuple(state["model"]["weights.0"].shape) if isinstance(state, dict) and "model" in state else None
+    if found != expected:
+        raise InputError(
+            f"{path}: resume state is for (replicates, genes, hidden) = {found}, expected {expected} from params and data; "
+            "resume only the training that wrote it"
+        )
+    return state

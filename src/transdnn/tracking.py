@@ -31,6 +31,7 @@ import transdnn
 from transdnn.errors import TrackingError
 from transdnn.lineage import RunSpec
 from transdnn.settings import TrackingSettings
+from transdnn.training import EPOCH_METRICS
 
 T = TypeVar("T")
 PARENT_ROLE = "training"
@@ -190,8 +191,7 @@ class TrainingRun:
         now = int(time.time() * 1000)
         for row in metrics.itertuples(index=False):
             self._pending.setdefault(int(row.replicate), []).extend(
-                Metric(k, float(getattr(row, k)), now, epoch)
-                for k in ("train_loss", "train_acc", "valid_loss", "valid_acc", "homology_rank", "lr")
+                Metric(k, float(getattr(row, k)), now, epoch) for k in EPOCH_METRICS
             )
         if time.monotonic() - self._flushed >= FLUSH_SECONDS:
             self.flush()

@@ -12,7 +12,7 @@ import pickle
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -257,11 +257,8 @@ class Trainer:
         """Stopped replicates keep their last weights (AdamW momentum would otherwise move them)."""
         if bool(self.active.all()):
             return
-        stopped = (~self.active).nonzero().flatten().tolist()
-        with torch.no_grad():
-            for name, p in self.model.named_parameters():
-                for r in stopped:  # per-replicate slice copies: no temporary of the whole stack
-                    p[r].copy_(self.snapshots["last"][name][r])
+        last = self.snapshots["last"]
+        _copy_replicates(((p, last[name]) for name, p in self.model.named_parameters()), ~self.active)
 
     @torch.no_grad()
     def _valid_pass(self, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
@@ -297,11 +294,8 @@ class Trainer:
         return homology_rank(corr, self.h_idx, self.m_idx)
 
     def _snapshot(self, kind: str, where: torch.Tensor) -> None:
-        replicates = where.nonzero().flatten().tolist()
-        with torch.no_grad():
-            for name, p in self.model.named_parameters():
-                for r in replicates:
-                    self.snapshots[kind][name][r].copy_(p[r])
+        snap = self.snapshots[kind]
+        _copy_replicates(((snap[name], p) for name, p in self.model.named_parameters()), where)
 
     @property
     def done(self) -> bool:
@@ -444,6 +438,16 @@ class Trainer:
             summary=summary,
             seconds=dict(self.seconds),
         )
+
+
+def _copy_replicates(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], which: torch.Tensor) -> None:
+    """Copy the chosen replicates' slices of each (destination, source) stack: per-replicate slice copies
+    make no temporary of the whole stack."""
+    replicates = which.nonzero().flatten().tolist()
+    with torch.no_grad():
+        for dst, src in pairs:
+            for r in replicates:
+                dst[r].copy_(src[r])
 
 
 def train(

@@ -230,6 +230,8 @@ def bench_transdnn(case: Case, work: Path, precision: str) -> Measure:
     params_file = work / f"params-{precision}.yaml"
     params_file.write_text(yaml.safe_dump(params))
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
+    artifacts = work / "mlartifacts"  # the store's artifacts (logged models, history, plots) beside params
+    before = dir_bytes(artifacts) if artifacts.exists() else 0
     wall_t, peak_t, _ = run_measured([TRANSDNN, "train", case.partition, "--params", str(params_file)], env)
     wall_e, peak_e, _ = run_measured([TRANSDNN, "embed", case.partition, "--params", str(params_file)], env)
     root = work / f"transdnn-{precision}"
@@ -246,6 +248,7 @@ def bench_transdnn(case: Case, work: Path, precision: str) -> Measure:
         case.replicates * int(summary.epochs_run.max()),
         {
             "checkpoint_bytes": dir_bytes(train_root / "checkpoints"),
+            "mlflow_bytes": dir_bytes(artifacts) - before,
             "epochs_run": int(summary.epochs_run.max()),
             "steps": int(summary.n_train_rows.max()) // int(part["train"]["batch_size"]),
             "train_s": wall_t,
@@ -390,6 +393,7 @@ def print_case(r: dict) -> None:
                 "per-epoch work beyond the pass": f"{ours['extra']['per_epoch_overhead']:.1%}",
                 "bytes vs reference": f"{ours['out_bytes'] / max(ref['out_bytes'], 1):.1%}",
                 "checkpoints MB": round(ours["extra"]["checkpoint_bytes"] / 2**20),
+                "MLflow artifacts MB": round(ours["extra"].get("mlflow_bytes", 0) / 2**20),
             }
         )
     print(pd.DataFrame(ratios).to_string(index=False))

@@ -12,6 +12,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from transdnn.hardware import keep_freed_memory
 from transdnn.model import StackedMLP, seeds_for
 
 
@@ -23,6 +24,8 @@ def main() -> None:
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     a = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        keep_freed_memory()  # as transdnn's training does
     R, B = a.replicates, a.batch
     X = torch.randn(a.rows, a.genes, device=device)
     Y = torch.randint(0, a.classes, (R, a.rows), device=device)
@@ -41,7 +44,7 @@ def main() -> None:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.precision == "bf16"):
                 logits, _ = model(buffer.view(R, B, a.genes))
             loss = F.cross_entropy(logits.float().transpose(1, 2), Y[rows, idx], reduction="none").mean(dim=1).sum()
-            opt.zero_grad(set_to_none=False)
+            opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
     if device.type == "cuda":

@@ -105,7 +105,15 @@ def tiny_params(path: Path, data: TinyData, out: Path, **train: object) -> Path:
         }
         part["model"]["hidden_units"] = [32, 32, 32]
         part["train"].update(
-            {"replicates": 2, "max_epochs": 3, "batch_size": 32, "learning_rate": 1e-3, "device": "cpu", **train}
+            {
+                "replicates": 2,
+                "max_epochs": 3,
+                "batch_size": 32,
+                "learning_rate": 1e-3,
+                "device": "cpu",
+                "state_every_s": 0,
+                **train,
+            }
         )
         part["out"] = str(out / name)
     path.write_text(yaml.safe_dump(params))

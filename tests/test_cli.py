@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import torch
 from typer.testing import CliRunner
 
 from conftest import make_tiny
@@ -34,9 +35,27 @@ def test_train_then_embed_writes_the_reference_layout(params: Path, tmp_path: Pa
     corr = pd.read_csv(root / "consensus_correlation.csv", index_col=0)
     assert corr.shape == (6, 5)
     assert not list((tmp_path / "runs").rglob("*.tmp")), "no temporary files may remain"
+    train_info = json.loads((tmp_path / "runs" / "cortex" / "train" / "Integrated_dataset_0" / "train.json").read_text())
+    assert train_info["chosen_homology_rank"] == [metrics["homology_rank"][r] for r in ("0", "1")], (
+        "training reports the ranks of the weights it stored"
+    )
+
+
+def test_checkpoints_are_float16_unless_asked_otherwise(params: Path, tmp_path: Path):
+    ckpt = tmp_path / "runs" / "cortex" / "train" / "Integrated_dataset_0" / "checkpoints"
+    assert runner.invoke(app, ["train", "cortex", "--params", str(params), "--no-track"]).exit_code == 0
+    half = torch.load(ckpt / "best_valid.pt", weights_only=True)
+    assert sorted(p.name for p in ckpt.glob("*.pt")) == ["best_valid.pt"]
+    assert half["state.weights.0"].dtype == torch.float16 and half["scaler_mean"].dtype == torch.float32
+    params.write_text(params.read_text().replace("checkpoint_dtype: float16", "checkpoint_dtype: float32"))
+    assert runner.invoke(app, ["train", "cortex", "--params", str(params), "--no-track"]).exit_code == 0
+    full = torch.load(ckpt / "best_valid.pt", weights_only=True)
+    assert full["state.weights.0"].dtype == torch.float32
+    assert torch.equal(full["state.weights.0"].half(), half["state.weights.0"]), "the same training, rounded once"
 
 
 def test_embed_checkpoint_choice_changes_weights(params: Path, tmp_path: Path):
+    params.write_text(params.read_text().replace("extra_checkpoints: []", "extra_checkpoints: [best_rank, last]"))
     assert runner.invoke(app, ["train", "cortex", "--params", str(params), "--no-track"]).exit_code == 0
     for kind in ("best_valid", "best_rank", "last"):
         result = runner.invoke(app, ["embed", "cortex", "--params", str(params), "--no-track", "--checkpoint", kind])

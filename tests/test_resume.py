@@ -18,7 +18,7 @@ from conftest import TinyData, make_tiny, tiny_params
 from transdnn.cli import app
 
 pytestmark = pytest.mark.slow
-LONG = {"max_epochs": 150, "patience": 1000, "learning_rate": 1e-4}
+LONG = {"max_epochs": 150, "patience": 1000, "learning_rate": 1e-4, "extra_checkpoints": ["best_rank", "last"]}
 
 
 def _params(tmp_path: Path, name: str) -> Path:

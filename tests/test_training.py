@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -9,9 +10,12 @@ import pytest
 import torch
 
 from conftest import TinyData
+from transdnn.atomic import AlternatingFile
 from transdnn.data import load_partition_inputs, load_training_set
+from transdnn.errors import InputError
+from transdnn.hardware import resolve_device
 from transdnn.settings import load_settings, override
-from transdnn.training import Trainer, resolve_device, train
+from transdnn.training import Trainer, load_state, train
 
 
 def _setup(params: Path, tiny: TinyData, **train_overrides):
@@ -29,7 +33,7 @@ def test_same_seed_same_weights_and_history(params: Path, tiny: TinyData):
             assert torch.equal(t, b.checkpoints[kind][name]), (kind, name)
     assert a.history.equals(b.history)
     c = train(ts, inputs, override(part, "train", seed=7), torch.device("cpu"))
-    assert not torch.equal(a.checkpoints["last"]["weights.0"], c.checkpoints["last"]["weights.0"])
+    assert not torch.equal(a.checkpoints["best_valid"]["weights.0"], c.checkpoints["best_valid"]["weights.0"])
 
 
 def test_replicates_differ_and_every_validation_row_is_scored(params: Path, tiny: TinyData):
@@ -72,6 +76,28 @@ def test_stopped_replicates_keep_their_last_weights(params: Path, tiny: TinyData
             break
 
 
+def test_only_the_checkpoints_asked_for_are_kept(params: Path, tiny: TinyData):
+    """By default only embed.checkpoint is kept; "last" is the live model, with stopped replicates frozen."""
+    part, inputs, ts = _setup(params, tiny, learning_rate=5.0, max_epochs=40, patience=1, replicates=3)
+    default = train(ts, inputs, part, torch.device("cpu"))
+    assert list(default.checkpoints) == ["best_valid"]
+    part = override(part, "train", extra_checkpoints=["last", "best_rank"])
+    trainer = Trainer(ts, inputs, part, torch.device("cpu"))
+    assert list(trainer.snapshots) == ["best_valid", "best_rank"], "no per-epoch copy is made for last"
+    at_stop = {}
+    while not trainer.done:
+        before = trainer.active.clone()
+        trainer.step_epoch()
+        for r in (before & ~trainer.active).nonzero().flatten().tolist():
+            at_stop[r] = trainer.model.weights[0][r].detach().clone()
+    result = trainer.result()
+    assert list(result.checkpoints) == ["best_valid", "best_rank", "last"]
+    assert at_stop, "the high learning rate stops replicates early"
+    for r, weights in at_stop.items():
+        assert torch.equal(result.checkpoints["last"]["weights.0"][r], weights), r
+    assert torch.equal(result.checkpoints["best_valid"]["weights.0"], default.checkpoints["best_valid"]["weights.0"])
+
+
 def test_shuffled_labels_do_not_learn(params: Path, tiny: TinyData):
     part, inputs, ts = _setup(params, tiny, max_epochs=15)
     real = train(ts, inputs, part, torch.device("cpu"))
@@ -105,7 +131,7 @@ def test_bf16_autocast_tracks_fp32_closely(params: Path, tiny: TinyData):
     part, inputs, ts = _setup(params, tiny, max_epochs=6)
     fp32 = train(ts, inputs, part, torch.device("cpu"))
     bf16 = train(ts, inputs, override(part, "train", precision="bf16"), torch.device("cpu"))
-    assert all(t.dtype == torch.float32 for t in bf16.checkpoints["last"].values()), "weights stay fp32"
+    assert all(t.dtype == torch.float32 for t in bf16.checkpoints["best_valid"].values()), "weights stay fp32"
     assert np.allclose(fp32.history.valid_loss, bf16.history.valid_loss, rtol=0.05, atol=0.02)
     assert abs(fp32.history.homology_rank.iloc[-1] - bf16.history.homology_rank.iloc[-1]) <= 1.0
 
@@ -116,3 +142,40 @@ def test_epoch_time_is_accounted_for(params: Path, tiny: TinyData):
     assert seconds["epochs"] == 3
     assert seconds["train_pass"] > 0 and seconds["validation"] > 0 and seconds["homology_rank"] > 0
     assert seconds["resume_state"] == 0, "no state file was asked for"
+
+
+def test_resume_states_follow_the_time_interval(params: Path, tiny: TinyData, tmp_path: Path):
+    part, inputs, ts = _setup(params, tiny, max_epochs=4)
+    writes = []
+
+    class CountingFile(AlternatingFile):
+        def write(self, save):
+            writes.append(1)
+            return super().write(save)
+
+    for every, expected in ((0, 3), (3600, 0), (None, 0)):
+        writes.clear()
+        timed = part.model_copy(update={"train": part.train.model_copy(update={"state_every_s": every})})
+        train(ts, inputs, timed, torch.device("cpu"), state=CountingFile(tmp_path / "s.pt"))
+        assert len(writes) == expected, every
+
+
+def test_resume_state_missing_a_kept_checkpoint_is_refused(params: Path, tiny: TinyData, tmp_path: Path):
+    part, inputs, ts = _setup(params, tiny, max_epochs=3)
+    state = AlternatingFile(tmp_path / "s.pt")
+    with pytest.raises(KeyboardInterrupt):
+        train(ts, inputs, part, torch.device("cpu"), _InterruptAfterOne(), state)
+    assert load_state(state.current(), ts, part)["epoch"] == 1
+    wider = override(part, "train", extra_checkpoints=["best_rank"])
+    with pytest.raises(InputError, match="resume state keeps checkpoints"):
+        load_state(state.current(), ts, wider)
+
+
+class _InterruptAfterOne:
+    """A sink that presses Ctrl-C during the first epoch's report: training keeps that epoch and stops."""
+
+    def on_epoch(self, epoch, metrics):
+        signal.raise_signal(signal.SIGINT)
+
+    def flush(self):
+        return None

@@ -167,7 +167,10 @@ def load_model(layout: RunLayout, kind: str) -> StoredModel:
         raise InputError(f"{layout.root}: unknown checkpoint {kind!r} (expected one of {', '.join(CHECKPOINTS)})")
     path = layout.checkpoint(kind)
     if not path.is_file():
-        raise InputError(f"{path}: checkpoint '{kind}' was never written (expected `transdnn train` to have run with this --out)")
+        raise InputError(
+            f"{path}: checkpoint '{kind}' was never written (expected a training with this --out that kept it: "
+            "embed.checkpoint or train.extra_checkpoints)"
+        )
     if not layout.model_meta.is_file():
         raise InputError(f"{layout.model_meta}: model description missing (expected a file written by `transdnn train`)")
     meta = json.loads(layout.model_meta.read_text())

@@ -164,9 +164,9 @@ def train_cmd(
     no_track: NoTrackOpt = False,
 ) -> None:
     """Train all replicates of a partition, save checkpoints, and record runs and models in MLflow."""
+    from transdnn.hardware import resolve_device
     from transdnn.jobs import train_partition
     from transdnn.settings import override
-    from transdnn.training import resolve_device
 
     settings, part = _partition(params, partition, out=out, data=data, human=human, mouse=mouse, genes=genes, homology=homology)
     part = _run(
@@ -214,9 +214,9 @@ def embed(
     no_track: NoTrackOpt = False,
 ) -> None:
     """Write region embeddings, correlations, the consensus and metrics.json for a trained partition."""
+    from transdnn.hardware import resolve_device
     from transdnn.jobs import embed_partition, embed_with_model
     from transdnn.settings import override
-    from transdnn.training import resolve_device
 
     settings, part = _partition(params, partition, out=out, data=data, human=human, mouse=mouse, genes=genes, homology=homology)
     part = _run(override, part, "train", device=device)
@@ -250,9 +250,9 @@ def test_cmd(
     out: OutOpt = None,
 ) -> None:
     """Independent test: train on --data, then predict a held-out set (accuracy, confusion matrix)."""
+    from transdnn.hardware import resolve_device
     from transdnn.jobs import test_partition
     from transdnn.settings import override
-    from transdnn.training import resolve_device
 
     _, part = _partition(params, partition, out=out, data=data)
     part = _run(override, part, "train", replicates=replicates, max_epochs=max_epochs, device=device)

@@ -23,7 +23,7 @@ from transdnn.embed import embed_inputs, embed_metrics, write_embeddings
 from transdnn.evaluate import independent_test
 from transdnn.lineage import RunSpec
 from transdnn.model import seeds_for
-from transdnn.settings import CHECKPOINTS, DataPaths, PartitionSettings
+from transdnn.settings import DataPaths, PartitionSettings
 from transdnn.training import TrainingSink, TrainResult, check_shapes, load_state, train
 
 EXAMPLE_ROWS = 3
@@ -70,15 +70,16 @@ def _meta(partition: str, part: PartitionSettings, result: TrainResult, dataset:
     }
 
 
-def _stored(result: TrainResult, meta: dict[str, Any], kind: str) -> StoredModel:
-    return StoredModel(
-        meta, result.checkpoints[kind], result.scaler_mean, result.scaler_std, torch.from_numpy(result.checkpoint_epochs[kind])
-    )
+def _stored(result: TrainResult, meta: dict[str, Any], kind: str, dtype: str) -> StoredModel:
+    """Checkpoint `kind` as it is written: weights in `dtype`, scalers in float32. Everything after training
+    (the chosen ranks, embed, the logged models) uses these stored weights."""
+    weights = {name: t.to(getattr(torch, dtype)) for name, t in result.checkpoints[kind].items()}
+    return StoredModel(meta, weights, result.scaler_mean, result.scaler_std, torch.from_numpy(result.checkpoint_epochs[kind]))
 
 
-def _save_training(result: TrainResult, layout: RunLayout, meta: dict[str, Any]) -> list[Path]:
-    for kind in CHECKPOINTS:
-        save_model(layout.checkpoint(kind), layout.model_meta, _stored(result, meta, kind))
+def _save_training(result: TrainResult, layout: RunLayout, meta: dict[str, Any], dtype: str) -> list[Path]:
+    for kind in result.checkpoints:
+        save_model(layout.checkpoint(kind), layout.model_meta, _stored(result, meta, kind, dtype))
     files = []
     for r, frame in result.history.groupby("replicate"):
         files.append(write_csv(layout.history(int(r)), frame.drop(columns="replicate"), index=False))
@@ -139,12 +140,11 @@ def train_partition(
                 write_json(layout.run_record, {"run_id": run.parent_id if run else None})
             result = train(train_set, inputs, part, device, _Fanout(run, progress), layout.state, resume_from)
             meta = _meta(partition, part, result, layout.dataset)
-            history_files = _save_training(result, layout, meta)
-            chosen = embed_inputs(_stored(result, meta, part.embed.checkpoint), inputs, device).ranks
+            history_files = _save_training(result, layout, meta, part.train.checkpoint_dtype)
+            chosen_model = _stored(result, meta, part.embed.checkpoint, part.train.checkpoint_dtype)
+            chosen = embed_inputs(chosen_model, inputs, device).ranks
             if run is not None:
-                _track_training(
-                    run, result, meta, layout, history_files, chosen, part.embed.checkpoint, train_set.X[:EXAMPLE_ROWS]
-                )
+                _track_training(run, result, meta, history_files, chosen, chosen_model, train_set.X[:EXAMPLE_ROWS])
             write_json(
                 layout.train_info,
                 {
@@ -166,10 +166,9 @@ def _track_training(
     run: Any,
     result: TrainResult,
     meta: dict[str, Any],
-    layout: RunLayout,
     history_files: list[Path],
     chosen: np.ndarray,
-    kind: str,
+    stored: StoredModel,
     example: np.ndarray,
 ) -> None:
     from transdnn.plots import curves
@@ -181,7 +180,6 @@ def _track_training(
         run.log_summary(result.summary, chosen, history_files)
         run.log_parent_metrics({f"seconds_{part}": value for part, value in result.seconds.items()})
         run.log_artifacts(None, [png], "plots")
-        stored = _stored(result, meta, kind)
         files = []
         for r in range(stored.replicates):
             folder = Path(tmp) / f"r{r}"

@@ -67,7 +67,9 @@ class TrainSettings(_Strict):
     device: str
     precision: Literal["fp32", "bf16"]
     transform_scaling: Literal["none", "train"]
-    state_every: int = Field(ge=0)
+    state_every_s: float | None = Field(ge=0)
+    extra_checkpoints: list[Checkpoint]
+    checkpoint_dtype: Literal["float32", "float16"]
 
 
 class EmbedSettings(_Strict):
@@ -82,6 +84,12 @@ class PartitionSettings(_Strict):
     train: TrainSettings
     embed: EmbedSettings
     out: Path
+
+    @property
+    def checkpoint_kinds(self) -> tuple[str, ...]:
+        """The checkpoints training writes: the one embedding uses, plus any extra ones asked for."""
+        wanted = {self.embed.checkpoint, *self.train.extra_checkpoints}
+        return tuple(k for k in CHECKPOINTS if k in wanted)
 
 
 class SynthSettings(_Strict):

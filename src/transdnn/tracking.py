@@ -35,7 +35,7 @@ from transdnn.training import EPOCH_METRICS
 
 T = TypeVar("T")
 PARENT_ROLE = "training"
-FLUSH_SECONDS = 10.0  # how stale the MLflow UI's per-epoch curves may be during a training
+FLUSH_SECONDS = 30.0  # how stale the MLflow UI's per-epoch curves may be during a training
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch
 _MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
 _PACKAGE_DIR = Path(__file__).parent

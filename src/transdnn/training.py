@@ -1,7 +1,8 @@
 """Training loop: all replicates of one partition trained together on in-memory tensors.
 
 Reference semantics (AdamW, StepLR, batch 256 with the last partial training batch dropped, early
-stopping on validation loss, per-epoch homology rank, three checkpoints), without its defects:
+stopping on validation loss, per-epoch homology rank, best-loss / best-rank / last checkpoints), without
+its defects:
 every validation row is scored, the best trackers start at +inf, dropout drops units, runs are seeded.
 What happened is reported through a `TrainingSink`; the loop itself never touches tracking.
 """
@@ -25,7 +26,8 @@ import torch.nn.functional as F
 
 from transdnn.atomic import AlternatingFile
 from transdnn.data import PartitionInputs, TrainingSet
-from transdnn.errors import ConfigError, InputError
+from transdnn.errors import InputError
+from transdnn.hardware import keep_freed_memory
 from transdnn.homology import homology_rank, pair_indices, pearson
 from transdnn.model import StackedMLP, seeds_for
 from transdnn.settings import CHECKPOINTS, PartitionSettings
@@ -53,21 +55,6 @@ class NullSink:
         return None
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' picks CUDA when present; naming an absent device is a configuration error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"option 'device': unknown device {name!r} (expected auto, cpu, cuda or cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"option 'device': {name!r} requested but no CUDA GPU is available (expected auto or cpu)")
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"option 'device': {name!r} is not supported (expected auto, cpu, cuda or cuda:N)")
-    return device
-
-
 def check_shapes(train: TrainingSet, settings: PartitionSettings) -> tuple[int, int]:
     """Input and output sizes come from the data; when params.yaml sets them they must agree."""
     n_in, n_out = train.X.shape[1], len(train.regions)
@@ -88,7 +75,7 @@ class TrainResult:
 
     regions: list[str]
     genes: list[str]
-    checkpoints: dict[str, dict[str, torch.Tensor]]  # kind -> parameter name -> (R, ...) tensor
+    checkpoints: dict[str, dict[str, torch.Tensor]]  # kept kind -> parameter name -> (R, ...) tensor
     checkpoint_epochs: dict[str, np.ndarray]  # kind -> epoch per replicate
     scaler_mean: torch.Tensor  # (R, G)
     scaler_std: torch.Tensor  # (R, G)
@@ -129,6 +116,7 @@ class Trainer:
 
     def __init__(self, train: TrainingSet, inputs: PartitionInputs, settings: PartitionSettings, device: torch.device) -> None:
         self.cfg = settings.train
+        self.kinds = settings.checkpoint_kinds
         self.device = device
         n_in, n_out = check_shapes(train, settings)
         self.train_set = train
@@ -169,7 +157,9 @@ class Trainer:
         self.best_epoch = {kind: np.full(R, -1) for kind in CHECKPOINTS}
         self.stale = np.zeros(R, dtype=np.int64)
         self.epochs_run = np.zeros(R, dtype=np.int64)
-        self.snapshots = {kind: {n: p.detach().clone() for n, p in self.model.named_parameters()} for kind in CHECKPOINTS}
+        # Copies kept for the best-so-far checkpoints that will be written (the "last" one is the live model).
+        self.snapshots = {kind: self._copy_of_model() for kind in ("best_valid", "best_rank") if kind in self.kinds}
+        self.frozen: dict[str, torch.Tensor] | None = None  # weights of early-stopped replicates
         self.epoch = 0
         self.rows: list[pd.DataFrame] = []
         self.autocast = self.cfg.precision == "bf16"
@@ -245,7 +235,7 @@ class Trainer:
                 logits, _ = self.model(self._scaled(idx))
             target = self.Y[rows, idx]
             losses = F.cross_entropy(logits.float().transpose(1, 2), target, reduction="none").mean(dim=1)
-            self.optimizer.zero_grad(set_to_none=False)  # reuse gradient buffers (see _scaled)
+            self.optimizer.zero_grad(set_to_none=True)  # fresh gradients are taken over, not added (see keep_freed_memory)
             (losses * weight).sum().backward()
             self.optimizer.step()
             self._freeze_stopped()
@@ -253,12 +243,23 @@ class Trainer:
             correct += (logits.detach().argmax(-1) == target).sum(dim=1)
         return loss_sum / len(batches), correct / (len(batches) * self.cfg.batch_size)
 
+    def _copy_of_model(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.model.named_parameters()}
+
     def _freeze_stopped(self) -> None:
         """Stopped replicates keep their last weights (AdamW momentum would otherwise move them)."""
-        if bool(self.active.all()):
+        if self.frozen is None:
             return
-        last = self.snapshots["last"]
-        _copy_replicates(((p, last[name]) for name, p in self.model.named_parameters()), ~self.active)
+        _copy_replicates(((p, self.frozen[name]) for name, p in self.model.named_parameters()), ~self.active)
+
+    def _freeze(self, stopping: torch.Tensor) -> None:
+        """Keep the weights of replicates that stop now; they are restored after every later step."""
+        if not bool(stopping.any()):
+            return
+        if self.frozen is None:
+            self.frozen = self._copy_of_model()
+        else:
+            _copy_replicates(((self.frozen[name], p) for name, p in self.model.named_parameters()), stopping)
 
     @torch.no_grad()
     def _valid_pass(self, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
@@ -294,6 +295,8 @@ class Trainer:
         return homology_rank(corr, self.h_idx, self.m_idx)
 
     def _snapshot(self, kind: str, where: torch.Tensor) -> None:
+        if kind not in self.snapshots:
+            return
         snap = self.snapshots[kind]
         _copy_replicates(((snap[name], p) for name, p in self.model.named_parameters()), where)
 
@@ -333,7 +336,6 @@ class Trainer:
         self.best["homology_rank"] = torch.where(better_rank, rk, self.best["homology_rank"])
         self._snapshot("best_valid", better_loss)
         self._snapshot("best_rank", better_rank)
-        self._snapshot("last", active)
         a = active.numpy()
         self.best_epoch["best_valid"][better_loss.numpy()] = self.epoch
         self.best_epoch["best_rank"][better_rank.numpy()] = self.epoch
@@ -354,8 +356,9 @@ class Trainer:
             }
         )[a].reset_index(drop=True)
         self.rows.append(metrics)
-        stop = torch.from_numpy(self.stale >= self.cfg.patience)
-        self.active &= ~stop.to(self.device)
+        stopping = torch.from_numpy(self.stale >= self.cfg.patience).to(self.device) & self.active
+        self._freeze(stopping)
+        self.active &= ~stopping
         self.scheduler.step()
         self.epoch += 1
         return metrics
@@ -363,7 +366,8 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue bit-for-bit after a kill: weights, optimiser, scheduler, RNG
         states, early-stopping counters, best snapshots, history. Plain tensors and numbers only, so it
-        loads with `weights_only=True`. The "last" snapshot equals the live weights at an epoch's end."""
+        loads with `weights_only=True`. Stopped replicates' frozen weights equal the live ones at an
+        epoch's end, so they need no copy of their own."""
         history = (
             pd.concat(self.rows, ignore_index=True) if self.rows else pd.DataFrame(columns=["epoch", "replicate", *EPOCH_METRICS])
         )
@@ -380,7 +384,7 @@ class Trainer:
             "best_epoch": {k: torch.from_numpy(v) for k, v in self.best_epoch.items()},
             "stale": torch.from_numpy(self.stale),
             "epochs_run": torch.from_numpy(self.epochs_run),
-            "snapshots": {k: {n: t.cpu() for n, t in self.snapshots[k].items()} for k in ("best_valid", "best_rank")},
+            "snapshots": {k: {n: t.cpu() for n, t in snap.items()} for k, snap in self.snapshots.items()},
             "history": torch.from_numpy(history[["epoch", "replicate", *EPOCH_METRICS]].to_numpy(dtype=np.float64)),
         }
 
@@ -389,15 +393,15 @@ class Trainer:
         with torch.no_grad():
             for n, p in self.model.named_parameters():
                 p.copy_(state["model"][n])
-                self.snapshots["last"][n].copy_(state["model"][n])
-                for kind in ("best_valid", "best_rank"):
-                    self.snapshots[kind][n].copy_(state["snapshots"][kind][n])
+                for kind, snap in self.snapshots.items():
+                    snap[n].copy_(state["snapshots"][kind][n])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng_global"])
         for g, s in zip(self.gens, state["rng_replicates"], strict=True):
             g.set_state(s.clone())  # a row of a stacked tensor is a view; set_state needs its own storage
         self.active = state["active"].to(self.device)
+        self.frozen = None if bool(self.active.all()) else self._copy_of_model()
         self.best = {"valid_loss": state["best_valid_loss"], "homology_rank": state["best_homology_rank"]}
         self.best_epoch = {k: v.numpy().copy() for k, v in state["best_epoch"].items()}
         self.stale = state["stale"].numpy().copy()
@@ -405,6 +409,9 @@ class Trainer:
         hist = pd.DataFrame(state["history"].numpy(), columns=["epoch", "replicate", *EPOCH_METRICS])
         hist[["epoch", "replicate"]] = hist[["epoch", "replicate"]].astype(int)
         self.rows = [hist] if len(hist) else []
+
+    def _weights_of(self, kind: str) -> dict[str, torch.Tensor]:
+        return dict(self.model.named_parameters()) if kind == "last" else self.snapshots[kind]
 
     def result(self) -> TrainResult:
         history = pd.concat(self.rows, ignore_index=True)
@@ -430,7 +437,7 @@ class Trainer:
         return TrainResult(
             regions=self.train_set.regions,
             genes=self.train_set.genes,
-            checkpoints={k: {n: t.cpu() for n, t in v.items()} for k, v in self.snapshots.items()},
+            checkpoints={kind: {n: t.detach().cpu() for n, t in self._weights_of(kind).items()} for kind in self.kinds},
             checkpoint_epochs=chosen,
             scaler_mean=self.mean.cpu(),
             scaler_std=self.std.cpu(),
@@ -461,11 +468,14 @@ def train(
 ) -> TrainResult:
     """Train all replicates of one partition on one training set.
 
-    With `state`, the full training state is written there atomically every `state_every` epochs;
+    With `state`, the full training state is written there atomically once `state_every_s` seconds of
+    training have passed since the last one (a kill loses at most that much work);
     `resume_from` (a state read back by `load_state`) continues from one: the replayed epochs are
     deterministic, so a killed run finishes with the weights of an uninterrupted one.
     """
     sink = sink or NullSink()
+    if device.type == "cpu":
+        keep_freed_memory()
     trainer = Trainer(train_set, inputs, settings, device)
     if resume_from is not None:
         trainer.load_state_dict(resume_from)
@@ -477,7 +487,8 @@ def train(
             with trainer.timed("resume_state"):
                 state.write(lambda fh: torch.save(trainer.state_dict(), fh))
 
-    every = settings.train.state_every
+    every = settings.train.state_every_s
+    last_state = time.monotonic()
     with _stop_after_epoch_on_sigint() as stop:
         while not trainer.done:
             metrics = trainer.step_epoch()
@@ -486,8 +497,9 @@ def train(
             if stop.requested:
                 save()  # Ctrl-C: keep the last complete epoch, then stop
                 raise KeyboardInterrupt
-            if every and trainer.epoch % every == 0 and not trainer.done:
+            if every is not None and not trainer.done and time.monotonic() - last_state >= every:
                 save()
+                last_state = time.monotonic()
     return trainer.result()
 
 
@@ -530,5 +542,12 @@ def load_state(path: Path, train_set: TrainingSet, settings: PartitionSettings) 
         raise InputError(
             f"{path}: resume state is for (replicates, genes, hidden) = {found}, expected {expected} from params and data; "
             "resume only the training that wrote it"
+        )
+    kept = set(state.get("snapshots", {}))
+    needed = {k for k in settings.checkpoint_kinds if k != "last"}
+    if not needed <= kept:
+        raise InputError(
+            f"{path}: resume state keeps checkpoints {sorted(kept)}, params ask for {sorted(needed)}; "
+            "resume with the train.extra_checkpoints and embed.checkpoint it was written with"
         )
     return state

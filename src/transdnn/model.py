@@ -60,8 +60,9 @@ class StackedMLP(nn.Module):
             if self.dropout_mode == "row":
                 keep = torch.rand((*embedding.shape[:-1], 1), device=embedding.device) >= self.dropout
                 embedding = embedding * keep / (1 - self.dropout)
-            else:
-                embedding = nn.functional.dropout(embedding, self.dropout, training=True)
+            else:  # a uniform draw and a compare: half the CPU time of F.dropout's bernoulli_
+                keep = torch.rand_like(embedding).ge_(self.dropout).mul_(1 / (1 - self.dropout))
+                embedding = embedding * keep
         return torch.baddbmm(self.biases[-1], embedding, self.weights[-1])
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -76,6 +76,16 @@ def test_stopped_replicates_keep_their_last_weights(params: Path, tiny: TinyData
             break
 
 
+def test_cached_validation_inputs_score_like_chunked_ones(params: Path, tiny: TinyData):
+    part, inputs, ts = _setup(params, tiny)
+    trainer = Trainer(ts, inputs, part, torch.device("cpu"))
+    assert trainer.valid_inputs is not None, "a small validation set is gathered and scaled once"
+    cached = trainer._valid_pass()
+    trainer.valid_inputs = None
+    chunked = trainer._valid_pass()
+    assert torch.equal(cached[0], chunked[0]) and torch.equal(cached[1], chunked[1])
+
+
 def test_only_the_checkpoints_asked_for_are_kept(params: Path, tiny: TinyData):
     """By default only embed.checkpoint is kept; "last" is the live model, with stopped replicates frozen."""
     part, inputs, ts = _setup(params, tiny, learning_rate=5.0, max_epochs=40, patience=1, replicates=3)

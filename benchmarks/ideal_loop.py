@@ -12,7 +12,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from transdnn.hardware import keep_freed_memory
+from transdnn.hardware import reuse_freed_memory
 from transdnn.model import StackedMLP, seeds_for
 
 
@@ -24,8 +24,6 @@ def main() -> None:
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     a = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu":
-        keep_freed_memory()  # as transdnn's training does
     R, B = a.replicates, a.batch
     X = torch.randn(a.rows, a.genes, device=device)
     Y = torch.randint(0, a.classes, (R, a.rows), device=device)
@@ -36,19 +34,20 @@ def main() -> None:
     buffer = torch.empty(R * B, a.genes, device=device)
     rows = torch.arange(R, device=device)[:, None]
     start = time.perf_counter()
-    for _ in range(a.epochs):
-        order = torch.stack([torch.randperm(a.rows)[: a.steps * B] for _ in range(R)]).view(R, a.steps, B).to(device)
-        for s in range(a.steps):
-            idx = order[:, s]
-            torch.index_select(X, 0, idx.reshape(-1), out=buffer)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.precision == "bf16"):
-                logits, _ = model(buffer.view(R, B, a.genes))
-            loss = F.cross_entropy(logits.float().transpose(1, 2), Y[rows, idx], reduction="none").mean(dim=1).sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    with reuse_freed_memory(device):  # as transdnn's epochs do
+        for _ in range(a.epochs):
+            order = torch.stack([torch.randperm(a.rows)[: a.steps * B] for _ in range(R)]).view(R, a.steps, B).to(device)
+            for s in range(a.steps):
+                idx = order[:, s]
+                torch.index_select(X, 0, idx.reshape(-1), out=buffer)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.precision == "bf16"):
+                    logits, _ = model(buffer.view(R, B, a.genes))
+                loss = F.cross_entropy(logits.float().transpose(1, 2), Y[rows, idx], reduction="none").mean(dim=1).sum()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
     print(json.dumps({"wall": time.perf_counter() - start, "device": str(device)}))
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -12,6 +14,7 @@ from transdnn.errors import ConfigError
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _KEEP_BYTES = 2**31 - 1
+_GLIBC_DEFAULTS = ((_M_MMAP_MAX, 65536), (_M_TRIM_THRESHOLD, 128 * 1024))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -29,17 +32,32 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def keep_freed_memory() -> bool:
-    """Let glibc reuse freed large blocks instead of returning them to the kernel.
+@contextmanager
+def reuse_freed_memory(device: torch.device) -> Iterator[None]:
+    """While training on the CPU, let glibc reuse freed large blocks instead of returning them.
 
     glibc maps every allocation above 32 MB afresh and unmaps it on free, so each training step's
-    activations and gradients (~90 MB each on cortex) page-fault in anew: ~15 % of a CPU training pass.
-    Serving them from the heap and keeping up to 2 GiB of freed memory makes them reusable; the peak
-    stays the same, the memory just goes back to the kernel later. Returns False where libc has no
-    `mallopt` (macOS); process-wide, so it is called once a CPU training starts.
+    activations and gradients (~90 MB each on cortex) page-fault in anew: ~10 % of a CPU training pass.
+    Inside this block they come from the heap and freed ones are kept for the next step; on leaving it,
+    glibc's defaults return and the kept memory goes back to the kernel. Scoped to the epochs because
+    loading and saving allocate in patterns the heap would fragment on (peaks up to 1.7x on 100k rows).
+    A no-op off glibc (macOS, musl) and on CUDA.
     """
+    libc = _glibc() if device.type == "cpu" else None
+    if libc is None:
+        yield
+        return
+    libc.mallopt(_M_MMAP_MAX, 0)
+    libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES)
+    try:
+        yield
+    finally:
+        for option, value in _GLIBC_DEFAULTS:
+            libc.mallopt(option, value)
+        libc.malloc_trim(0)
+
+
+def _glibc() -> ctypes.CDLL | None:
     path = ctypes.util.find_library("c")
-    mallopt = getattr(ctypes.CDLL(path), "mallopt", None) if path else None
-    if mallopt is None:
-        return False
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES))
+    libc = ctypes.CDLL(path) if path else None
+    return libc if libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from transdnn.atomic import AlternatingFile
 from transdnn.data import PartitionInputs, TrainingSet
 from transdnn.errors import InputError
-from transdnn.hardware import keep_freed_memory
+from transdnn.hardware import reuse_freed_memory
 from transdnn.homology import homology_rank, pair_indices, pearson
 from transdnn.model import StackedMLP, seeds_for
 from transdnn.settings import CHECKPOINTS, PartitionSettings
@@ -244,7 +244,7 @@ class Trainer:
                 logits, _ = self.model(self._scaled(idx))
             target = self.Y[rows, idx]
             losses = F.cross_entropy(logits.float().transpose(1, 2), target, reduction="none").mean(dim=1)
-            self.optimizer.zero_grad(set_to_none=True)  # fresh gradients are taken over, not added (see keep_freed_memory)
+            self.optimizer.zero_grad(set_to_none=True)  # fresh gradients are taken over, not added (see reuse_freed_memory)
             (losses * weight).sum().backward()
             self.optimizer.step()
             self._freeze_stopped()
@@ -484,8 +484,6 @@ def train(
     deterministic, so a killed run finishes with the weights of an uninterrupted one.
     """
     sink = sink or NullSink()
-    if device.type == "cpu":
-        keep_freed_memory()
     trainer = Trainer(train_set, inputs, settings, device)
     if resume_from is not None:
         trainer.load_state_dict(resume_from)
@@ -499,7 +497,7 @@ def train(
 
     every = settings.train.state_every_s
     last_state = time.monotonic()
-    with _stop_after_epoch_on_sigint() as stop:
+    with _stop_after_epoch_on_sigint() as stop, reuse_freed_memory(device):
         while not trainer.done:
             metrics = trainer.step_epoch()
             with trainer.timed("tracking"):

@@ -13,7 +13,6 @@ from conftest import TinyData
 from transdnn.atomic import AlternatingFile
 from transdnn.data import load_partition_inputs, load_training_set
 from transdnn.errors import InputError
-from transdnn.hardware import resolve_device
 from transdnn.settings import load_settings, override
 from transdnn.training import Trainer, load_state, train
 
@@ -120,11 +119,6 @@ def test_validation_smaller_than_a_batch_is_fine(params: Path, tiny: TinyData):
     part, inputs, ts = _setup(params, tiny, batch_size=256, max_epochs=2)
     result = train(ts, inputs, part, torch.device("cpu"))
     assert np.isfinite(result.history.valid_loss).all()
-
-
-def test_resolve_device():
-    assert resolve_device("cpu").type == "cpu"
-    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @pytest.mark.gpu

@@ -393,7 +393,7 @@ def print_case(r: dict) -> None:
                 "per-epoch work beyond the pass": f"{ours['extra']['per_epoch_overhead']:.1%}",
                 "bytes vs reference": f"{ours['out_bytes'] / max(ref['out_bytes'], 1):.1%}",
                 "checkpoints MB": round(ours["extra"]["checkpoint_bytes"] / 2**20),
-                "MLflow artifacts MB": round(ours["extra"].get("mlflow_bytes", 0) / 2**20),
+                "MLflow artifacts MB": round(ours["extra"]["mlflow_bytes"] / 2**20),
             }
         )
     print(pd.DataFrame(ratios).to_string(index=False))

@@ -77,9 +77,9 @@ def _stored(result: TrainResult, meta: dict[str, Any], kind: str, dtype: str) ->
     return StoredModel(meta, weights, result.scaler_mean, result.scaler_std, torch.from_numpy(result.checkpoint_epochs[kind]))
 
 
-def _save_training(result: TrainResult, layout: RunLayout, meta: dict[str, Any], dtype: str) -> list[Path]:
-    for kind in result.checkpoints:
-        save_model(layout.checkpoint(kind), layout.model_meta, _stored(result, meta, kind, dtype))
+def _save_training(result: TrainResult, layout: RunLayout, stored: dict[str, StoredModel]) -> list[Path]:
+    for kind, model in stored.items():
+        save_model(layout.checkpoint(kind), layout.model_meta, model)
     files = []
     for r, frame in result.history.groupby("replicate"):
         files.append(write_csv(layout.history(int(r)), frame.drop(columns="replicate"), index=False))
@@ -140,8 +140,9 @@ def train_partition(
                 write_json(layout.run_record, {"run_id": run.parent_id if run else None})
             result = train(train_set, inputs, part, device, _Fanout(run, progress), layout.state, resume_from)
             meta = _meta(partition, part, result, layout.dataset)
-            history_files = _save_training(result, layout, meta, part.train.checkpoint_dtype)
-            chosen_model = _stored(result, meta, part.embed.checkpoint, part.train.checkpoint_dtype)
+            stored = {kind: _stored(result, meta, kind, part.train.checkpoint_dtype) for kind in result.checkpoints}
+            history_files = _save_training(result, layout, stored)
+            chosen_model = stored[part.embed.checkpoint]
             chosen = embed_inputs(chosen_model, inputs, device).ranks
             if run is not None:
                 _track_training(run, result, meta, history_files, chosen, chosen_model, train_set.X[:EXAMPLE_ROWS])

@@ -165,8 +165,7 @@ class Trainer:
         self.best_epoch = {kind: np.full(R, -1) for kind in CHECKPOINTS}
         self.stale = np.zeros(R, dtype=np.int64)
         self.epochs_run = np.zeros(R, dtype=np.int64)
-        # Copies kept for the best-so-far checkpoints that will be written (the "last" one is the live model).
-        self.snapshots = {kind: self._copy_of_model() for kind in ("best_valid", "best_rank") if kind in self.kinds}
+        self.snapshots = {kind: self._copy_of_model() for kind in _snapshot_kinds(settings)}
         self.frozen: dict[str, torch.Tensor] | None = None  # weights of early-stopped replicates
         self.epoch = 0
         self.rows: list[pd.DataFrame] = []
@@ -457,6 +456,11 @@ class Trainer:
         )
 
 
+def _snapshot_kinds(settings: PartitionSettings) -> tuple[str, ...]:
+    """The kept checkpoints that need a copy of their own during training ("last" is the live model)."""
+    return tuple(kind for kind in settings.checkpoint_kinds if kind != "last")
+
+
 def _copy_replicates(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], which: torch.Tensor) -> None:
     """Copy the chosen replicates' slices of each (destination, source) stack: per-replicate slice copies
     make no temporary of the whole stack."""
@@ -564,7 +568,7 @@ def load_state(path: Path, train_set: TrainingSet, settings: PartitionSettings) 
             "resume only the training that wrote it"
         )
     kept = set(state.get("snapshots", {}))
-    needed = {k for k in settings.checkpoint_kinds if k != "last"}
+    needed = set(_snapshot_kinds(settings))
     if not needed <= kept:
         raise InputError(
             f"{path}: resume state keeps checkpoints {sorted(kept)}, params ask for {sorted(needed)}; "

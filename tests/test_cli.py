@@ -39,6 +39,8 @@ def test_train_then_embed_writes_the_reference_layout(params: Path, tmp_path: Pa
     assert train_info["chosen_homology_rank"] == [metrics["homology_rank"][r] for r in ("0", "1")], (
         "training reports the ranks of the weights it stored"
     )
+    epochs = sum(v for k, v in train_info["seconds"].items() if k != "epochs")
+    assert epochs < train_info["data_set_seconds"], "the data set's wall time holds its epochs and more"
 
 
 def test_checkpoints_are_float16_unless_asked_otherwise(params: Path, tmp_path: Path):

@@ -370,7 +370,8 @@ def main() -> None:
             result["transdnn"][precision], result["ideal"][precision] = ours.__dict__, ideal.__dict__
         results.append(result)
         print_case(result)
-    print_workload(results[:2])
+    print("\n== the published workload, 100 data sets per partition, hours on this machine")
+    print(workload_hours(results[:2]).round(1).to_string())
     big = next(c for c in cases if "50k" in c.name)
     scaling = {"50k": loading_and_split(big), "5k": loading_and_split(cases[0])}
     print("\nloading and split (s):", json.dumps(scaling, indent=1))
@@ -390,7 +391,7 @@ def data_set_s(ours: dict) -> float:
     return ours["extra"]["train_data_set_s"] + ours["extra"]["embed_data_set_s"]
 
 
-def print_workload(results: list[dict], data_sets: int = 100) -> None:
+def workload_hours(results: list[dict], data_sets: int = 100) -> pd.DataFrame:
     """The published workload (2 partitions x 100 data sets x 10 replicates) as one job per stage: the
     reference runs once per data set; transdnn pays its start-up once per partition and stage."""
     rows = {"reference": {}} | {f"transdnn {p}": {} for p in results[0]["transdnn"]}
@@ -402,8 +403,7 @@ def print_workload(results: list[dict], data_sets: int = 100) -> None:
             rows[f"transdnn {precision}"][partition] = startup + data_sets * data_set_s(ours)
     table = pd.DataFrame(rows).T / 3600
     table["all 2,000 models"] = table.sum(axis=1)
-    print(f"\n== the published workload, {data_sets} data sets per partition, hours on this machine")
-    print(table.round(1).to_string())
+    return table
 
 
 def print_case(r: dict) -> None:

@@ -1,0 +1,44 @@
+"""The benchmark's own arithmetic and its ideal loop, on tiny inputs (no timing is asserted)."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def compare():
+    spec = importlib.util.spec_from_file_location("compare", BENCH / "compare.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["compare"] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules["compare"]
+
+
+def _case(name: str, reference: float, wall: float, train_set: float, embed_set: float) -> dict:
+    ours = {"wall": wall, "extra": {"train_data_set_s": train_set, "embed_data_set_s": embed_set}}
+    return {"case": name, "reference": {"wall": reference}, "transdnn": {"fp32": ours}}
+
+
+def test_workload_pays_startup_once_per_partition(compare):
+    results = [_case("cortex 5k rows", 360.0, 100.0, 80.0, 2.0), _case("subcortex 2k rows", 36.0, 20.0, 9.0, 1.0)]
+    hours = compare.workload_hours(results, data_sets=100)
+    assert hours.loc["reference", "cortex"] == pytest.approx(10.0)
+    assert hours.loc["transdnn fp32", "cortex"] == pytest.approx((18.0 + 100 * 82.0) / 3600)
+    assert hours.loc["transdnn fp32", "subcortex"] == pytest.approx((10.0 + 100 * 10.0) / 3600)
+    assert hours.loc["reference", "all 2,000 models"] == pytest.approx(11.0)
+
+
+def test_ideal_loop_prints_its_wall_time():
+    args = "--rows 64 --genes 16 --classes 4 --replicates 2 --epochs 2 --batch 8 --steps 3 --hidden 8"
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "ideal_loop.py"), *args.split()], capture_output=True, text=True, check=True
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["wall"] > 0 and result["device"] in ("cpu", "cuda")

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
 import torch
+import yaml
 from typer.testing import CliRunner
 
-from conftest import make_tiny
+from conftest import TinyData, make_tiny
 from transdnn.cli import app
 
 runner = CliRunner()
@@ -41,6 +43,32 @@ def test_train_then_embed_writes_the_reference_layout(params: Path, tmp_path: Pa
     )
     epochs = sum(v for k, v in train_info["seconds"].items() if k != "epochs")
     assert epochs < train_info["data_set_seconds"], "the data set's wall time holds its epochs and more"
+
+
+def test_resume_keeps_the_data_sets_a_killed_job_had_finished(params: Path, tiny: TinyData, tmp_path: Path):
+    """A multi-set job resumed after a kill redoes only the unfinished data sets; new settings redo all."""
+    shutil.copy(tiny.train, tiny.train.with_name("Integrated_dataset_1.h5ad"))
+    raw = yaml.safe_load(params.read_text())
+    raw["cortex"]["data"]["train"] = ["Integrated_dataset_0.h5ad", "Integrated_dataset_1.h5ad"]
+    params.write_text(yaml.safe_dump(raw))
+    train = tmp_path / "runs" / "cortex" / "train"
+    assert runner.invoke(app, ["train", "cortex", "--params", str(params), "--no-track"]).exit_code == 0
+    first = (train / "Integrated_dataset_0" / "checkpoints" / "best_valid.pt").stat().st_mtime_ns
+    (train / "Integrated_dataset_1" / "train.json").unlink()  # killed before the second set finished
+
+    result = runner.invoke(app, ["train", "cortex", "--params", str(params), "--no-track", "--resume"])
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.strip().splitlines()[-2:]
+    assert "Integrated_dataset_0" in lines[0] and lines[0].endswith("(trained before; kept)")
+    assert "Integrated_dataset_1" in lines[1] and "trained before" not in lines[1]
+    assert (train / "Integrated_dataset_0" / "checkpoints" / "best_valid.pt").stat().st_mtime_ns == first
+    assert (train / "Integrated_dataset_1" / "train.json").is_file()
+
+    raw["cortex"]["train"]["learning_rate"] = 2e-3
+    params.write_text(yaml.safe_dump(raw))
+    result = runner.invoke(app, ["train", "cortex", "--params", str(params), "--no-track", "--resume"])
+    assert result.exit_code == 0, result.stderr
+    assert "trained before" not in result.stdout, "other settings: every data set is trained again"
 
 
 def test_checkpoints_are_float16_unless_asked_otherwise(params: Path, tmp_path: Path):

@@ -69,6 +69,17 @@ def test_metrics_plots_and_champions(dvc_repo: Path):
     assert client.get_model_version_by_alias("transdnn-cortex", "champion")
 
 
+def test_a_killed_train_stage_is_finished_by_resume_then_committed(dvc_repo: Path):
+    """The recovery README gives for a killed `dvc repro`: `transdnn train --resume`, then `dvc commit`."""
+    (dvc_repo / "runs" / "cortex" / "train" / "Integrated_dataset_0" / "train.json").unlink()  # killed mid-set
+    assert "train@cortex" in json.loads(_sh(dvc_repo, "dvc", "status", "--json"))
+    _sh(dvc_repo, "transdnn", "train", "cortex", "--resume", "--stage", "train@cortex")
+    _sh(dvc_repo, "dvc", "commit", "-f", "train@cortex")
+    assert "train@cortex" not in json.loads(_sh(dvc_repo, "dvc", "status", "--json"))
+    rerun = _sh(dvc_repo, "dvc", "repro")
+    assert "Stage 'train@cortex' didn't change" in rerun and "Running stage 'embed@cortex'" in rerun
+
+
 def test_changing_one_partition_reruns_only_its_stages(dvc_repo: Path):
     params = yaml.safe_load((dvc_repo / "params.yaml").read_text())
     params["cortex"]["train"]["learning_rate"] = 1e-4

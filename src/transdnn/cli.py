@@ -160,7 +160,10 @@ def train_cmd(
         bool | None, typer.Option("--shuffle-labels/--no-shuffle-labels", help="Random-classifier control.")
     ] = None,
     stage: Annotated[str | None, typer.Option(help="DVC stage name to tag the MLflow run with.")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue a killed training from its last complete epoch.")] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(help="Continue a killed training from its last complete epoch; keep data sets it had finished."),
+    ] = False,
     no_track: NoTrackOpt = False,
 ) -> None:
     """Train all replicates of a partition, save checkpoints, and record runs and models in MLflow."""
@@ -193,6 +196,7 @@ def train_cmd(
             f"{partition.value}/{o.dataset}: {len(o.summary)} replicates, epochs {int(o.summary.epochs_run.min())}-{int(o.summary.epochs_run.max())}, "
             f"best valid loss {o.summary.best_valid_loss.mean():.4f}, homology rank {o.chosen_ranks.mean():.2f}"
             + (f", run {o.run_id}" if o.run_id else "")
+            + (" (trained before; kept)" if o.trained_before else "")
         )
 
 

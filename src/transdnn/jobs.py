@@ -5,6 +5,7 @@ Tracking is optional (`tracker=None` runs without MLflow): the loop reports thro
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 import time
@@ -55,6 +56,27 @@ class TrainOutcome:
     run_id: str | None
     summary: pd.DataFrame
     chosen_ranks: np.ndarray
+    trained_before: bool = False  # --resume found it finished from the same settings and files
+
+
+def _made_from(part: PartitionSettings, path: Path) -> str:
+    """Digest of what a training is made from: every setting, and the size and modification time of each
+    input file (like make: a touched file counts as changed)."""
+    files = [path, part.data.human, part.data.mouse, part.data.genes, part.data.homology]
+    stamps = {str(f): [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
+    blob = json.dumps({"params": part.model_dump(mode="json"), "files": stamps}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _trained_before(partition: str, layout: RunLayout, made_from: str, checkpoint: str) -> TrainOutcome | None:
+    """The outcome of a data set that finished earlier from the same settings and files, if it did."""
+    if not (layout.train_info.is_file() and layout.summary.is_file() and layout.checkpoint(checkpoint).is_file()):
+        return None
+    info = json.loads(layout.train_info.read_text())
+    if info.get("made_from") != made_from:
+        return None
+    ranks = np.asarray(info["chosen_homology_rank"])
+    return TrainOutcome(partition, layout.dataset, layout, info["run_id"], pd.read_csv(layout.summary), ranks, True)
 
 
 def _meta(partition: str, part: PartitionSettings, result: TrainResult, dataset: str) -> dict[str, Any]:
@@ -99,15 +121,21 @@ def train_partition(
 ) -> list[TrainOutcome]:
     """Train every training set of a partition; write checkpoints, history and train.json for each.
 
-    `resume=True` continues a killed training from its per-epoch state (same MLflow runs)."""
+    `resume=True` continues a killed training from its per-epoch state (same MLflow runs) and skips the
+    data sets that finished before from the same settings and files: a killed 100-set job redoes at most
+    the data set it was in."""
     inputs = load_inputs(part.data)
     outcomes = []
     for path in part.data.train_paths:
         started = time.perf_counter()
+        layout = RunLayout.for_training_file(part.out, path)
+        made_from = _made_from(part, path)
+        if resume and (done := _trained_before(partition, layout, made_from, part.embed.checkpoint)):
+            outcomes.append(done)
+            continue
         train_set = load_training_set(path, inputs.genes)
         check_training_regions(train_set, inputs.homology)
         check_shapes(train_set, part)  # before anything is written
-        layout = RunLayout.for_training_file(part.out, path)
         spec = RunSpec(
             partition=partition,
             dataset=layout.dataset,
@@ -156,6 +184,7 @@ def train_partition(
                     "run_id": run.parent_id if run else None,
                     "checkpoint": part.embed.checkpoint,
                     "chosen_homology_rank": [float(x) for x in chosen],
+                    "made_from": made_from,
                     "epochs_run": [int(x) for x in result.summary["epochs_run"]],
                     "seconds": result.seconds,
                     # this data set's wall time in the process (loading, training, saving, tracking):

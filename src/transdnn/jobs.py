@@ -68,9 +68,13 @@ def _made_from(part: PartitionSettings, path: Path) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _trained_before(partition: str, layout: RunLayout, made_from: str, checkpoint: str) -> TrainOutcome | None:
+def _trained_before(partition: str, part: PartitionSettings, path: Path, layout: RunLayout) -> TrainOutcome | None:
     """The outcome of a data set that finished earlier from the same settings and files, if it did."""
-    if not (layout.train_info.is_file() and layout.summary.is_file() and layout.checkpoint(checkpoint).is_file()):
+    if not (layout.train_info.is_file() and layout.summary.is_file() and layout.checkpoint(part.embed.checkpoint).is_file()):
+        return None
+    try:
+        made_from = _made_from(part, path)
+    except OSError:  # a missing input: training it again lets the loader name it
         return None
     info = json.loads(layout.train_info.read_text())
     if info.get("made_from") != made_from:
@@ -129,13 +133,13 @@ def train_partition(
     for path in part.data.train_paths:
         started = time.perf_counter()
         layout = RunLayout.for_training_file(part.out, path)
-        made_from = _made_from(part, path)
-        if resume and (done := _trained_before(partition, layout, made_from, part.embed.checkpoint)):
+        if resume and (done := _trained_before(partition, part, path, layout)):
             outcomes.append(done)
             continue
         train_set = load_training_set(path, inputs.genes)
         check_training_regions(train_set, inputs.homology)
         check_shapes(train_set, part)  # before anything is written
+        made_from = _made_from(part, path)
         spec = RunSpec(
             partition=partition,
             dataset=layout.dataset,

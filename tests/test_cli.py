@@ -46,7 +46,8 @@ def test_train_then_embed_writes_the_reference_layout(params: Path, tmp_path: Pa
 
 
 def test_resume_keeps_the_data_sets_a_killed_job_had_finished(params: Path, tiny: TinyData, tmp_path: Path):
-    """A multi-set job resumed after a kill redoes only the unfinished data sets; new settings redo all."""
+    """A multi-set job resumed after a kill (or with a data set added) trains only the unfinished data sets;
+    other settings train them all."""
     shutil.copy(tiny.train, tiny.train.with_name("Integrated_dataset_1.h5ad"))
     raw = yaml.safe_load(params.read_text())
     raw["cortex"]["data"]["train"] = ["Integrated_dataset_0.h5ad", "Integrated_dataset_1.h5ad"]
@@ -55,12 +56,16 @@ def test_resume_keeps_the_data_sets_a_killed_job_had_finished(params: Path, tiny
     assert runner.invoke(app, ["train", "cortex", "--params", str(params), "--no-track"]).exit_code == 0
     first = (train / "Integrated_dataset_0" / "checkpoints" / "best_valid.pt").stat().st_mtime_ns
     (train / "Integrated_dataset_1" / "train.json").unlink()  # killed before the second set finished
+    shutil.copy(tiny.train, tiny.train.with_name("Integrated_dataset_2.h5ad"))  # and a set is added
+    raw["cortex"]["data"]["train"].append("Integrated_dataset_2.h5ad")
+    params.write_text(yaml.safe_dump(raw))
 
     result = runner.invoke(app, ["train", "cortex", "--params", str(params), "--no-track", "--resume"])
     assert result.exit_code == 0, result.stderr
-    lines = result.stdout.strip().splitlines()[-2:]
+    lines = result.stdout.strip().splitlines()[-3:]
     assert "Integrated_dataset_0" in lines[0] and lines[0].endswith("(trained before; kept)")
     assert "Integrated_dataset_1" in lines[1] and "trained before" not in lines[1]
+    assert "Integrated_dataset_2" in lines[2] and "trained before" not in lines[2]
     assert (train / "Integrated_dataset_0" / "checkpoints" / "best_valid.pt").stat().st_mtime_ns == first
     assert (train / "Integrated_dataset_1" / "train.json").is_file()
 

@@ -60,11 +60,12 @@ class TrainOutcome:
 
 
 def _made_from(part: PartitionSettings, path: Path) -> str:
-    """Digest of what a training is made from: every setting, and the size and modification time of each
-    input file (like make: a touched file counts as changed)."""
+    """Digest of what a training is made from: every setting but the list of data sets (adding one keeps
+    the others), and the size and modification time of each input file (like make: touched is changed)."""
     files = [path, part.data.human, part.data.mouse, part.data.genes, part.data.homology]
     stamps = {str(f): [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
-    blob = json.dumps({"params": part.model_dump(mode="json"), "files": stamps}, sort_keys=True)
+    params = part.model_dump(mode="json", exclude={"data": {"train"}})
+    blob = json.dumps({"params": params, "files": stamps}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -63,7 +63,7 @@ def _made_from(part: PartitionSettings, path: Path) -> str:
     """Digest of what a training is made from: every setting but the list of data sets (adding one keeps
     the others), and the size and modification time of each input file (like make: touched is changed)."""
     files = [path, part.data.human, part.data.mouse, part.data.genes, part.data.homology]
-    stamps = {str(f): [f.stat().st_size, f.stat().st_mtime_ns] for f in files}
+    stamps = {str(f): [(st := f.stat()).st_size, st.st_mtime_ns] for f in files}
     params = part.model_dump(mode="json", exclude={"data": {"train"}})
     blob = json.dumps({"params": params, "files": stamps}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()

@@ -192,3 +192,37 @@ def test_two_promotes_at_once_leave_one_champion(params: Path, tracking_uri: str
     assert len(versions) == 2, "each replicate is registered once"
     champions = [v for v in versions if "champion" in client.get_model_version("transdnn-cortex", v.version).aliases]
     assert len(champions) == 1
+
+
+def test_model_signature_is_what_mlflow_infers():
+    """The signature is built directly (inference scans every column); it must stay what MLflow infers."""
+    from mlflow.models import infer_signature
+
+    from transdnn.tracking import model_signature
+
+    genes = [f"G{i}" for i in range(7)]
+    frame = pd.DataFrame(np.random.default_rng(0).random((3, 7), dtype=np.float32), columns=genes)
+    assert model_signature(genes) == infer_signature(frame, params={"output": "embedding"})
+    assert model_signature(genes) != infer_signature(frame.iloc[:, ::-1], params={"output": "embedding"})
+
+
+def test_metrics_sent_from_the_writer_thread_all_arrive_in_order(tracking_uri: str, monkeypatch: pytest.MonkeyPatch):
+    """Every epoch hands its batch to the writer while the previous one may still be in flight; after
+    flush() the store holds every epoch of every replicate, in order."""
+    import transdnn.tracking as tracking
+
+    monkeypatch.setattr(tracking, "FLUSH_SECONDS", 0.0)
+    client = MlflowClient(tracking_uri)
+    experiment = client.create_experiment("writer")
+    parent = client.create_run(experiment).info.run_id
+    children = [client.create_run(experiment).info.run_id for _ in range(2)]
+    run = tracking.TrainingRun(client, parent, children)
+    for epoch in range(12):
+        frame = pd.DataFrame({"replicate": [0, 1]} | {k: [epoch + 0.5, -epoch] for k in tracking.EPOCH_METRICS})
+        run.on_epoch(epoch, frame)
+    run.end("FINISHED")
+    for r, child in enumerate(children):
+        history = client.get_metric_history(child, "valid_loss")
+        assert [m.step for m in history] == list(range(12))
+        assert [m.value for m in history] == [e + 0.5 if r == 0 else -e for e in range(12)]
+        assert client.get_run(child).info.status == "FINISHED"

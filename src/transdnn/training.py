@@ -132,6 +132,7 @@ class Trainer:
             masks[r, t] = True
         self.mean, self.std = fit_scalers(self.X, masks.to(device))
         self.inv_std = 1 / self.std
+        self.shift = -self.mean * self.inv_std  # scaling is one fused multiply-add: x * inv_std + shift
         self._buffer: torch.Tensor | None = None
         # A validation set that fits in one chunk is gathered and scaled once, into the memory its chunk
         # buffer would take anyway: ~10 % of every validation pass saved.
@@ -205,7 +206,7 @@ class Trainer:
                 self._buffer = torch.empty(size, device=self.device)
             out = self._buffer[:size].view(*idx.shape, self.X.shape[1])
         torch.index_select(self.X, 0, idx.reshape(-1), out=out.view(-1, self.X.shape[1]))
-        return out.sub_(self.mean[:, None, :]).mul_(self.inv_std[:, None, :])
+        return torch.addcmul(self.shift[:, None, :], out, self.inv_std[:, None, :], out=out)
 
     def transform_inputs(self) -> torch.Tensor:
         """Region-averaged transform sets as model input; the training scaler applies only if asked."""

@@ -1,9 +1,11 @@
 """The stacked MLP is R independent reference models."""
 
+import math
+
 import torch
 from torch import nn
 
-from transdnn.model import StackedMLP, seeds_for
+from transdnn.model import StackedMLP, seeds_for, unit_keep_mask
 
 
 def _reference(net: StackedMLP, r: int) -> nn.Sequential:
@@ -50,3 +52,29 @@ def test_row_dropout_zeroes_whole_rows_and_unit_dropout_does_not():
     unit.weights[-1].data = torch.eye(50)[None, :, :2].clone()
     unit.biases[-1].data.zero_()
     assert int((unit.head(emb) == 0).all(dim=-1).sum()) < 150
+
+
+def test_unit_keep_mask_keeps_each_unit_with_the_rounded_probability():
+    """Four 16-bit lanes per 64-bit draw: every lane must be as random as the others (no lane biased by
+    the generator's range), and the scale must make the expected output equal the input."""
+    torch.manual_seed(0)
+    keep, scale = unit_keep_mask(torch.Size((250_000, 4)), 0.1, torch.device("cpu"))
+    q = 1 - math.ceil(0.1 * 65536) / 65536
+    assert scale == 1 / q
+    per_lane = keep.float().mean(dim=0)
+    assert torch.all((per_lane - q).abs() < 4 * math.sqrt(q * (1 - q) / 250_000)), per_lane
+    assert keep.shape == (250_000, 4) and keep.dtype == torch.bool
+    odd, _ = unit_keep_mask(torch.Size((3, 7)), 0.5, torch.device("cpu"))  # not a multiple of four units
+    assert odd.shape == (3, 7) and 0 < int(odd.sum()) < 21
+
+
+def test_unit_dropout_preserves_the_mean_in_training_and_is_off_in_eval():
+    torch.manual_seed(1)
+    net = StackedMLP(1, 3, [200], 200, 0.3, "unit").train()
+    net.weights[-1].data = torch.eye(200)[None].clone()
+    net.biases[-1].data.zero_()
+    emb = torch.ones(1, 1000, 200)
+    out = net.head(emb)
+    assert abs(float(out.mean()) - 1.0) < 0.01
+    assert 0.29 < float((out == 0).float().mean()) < 0.31
+    assert torch.equal(net.eval().head(emb), emb)

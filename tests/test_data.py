@@ -41,6 +41,25 @@ def test_sparse_input_gives_the_same_matrix(tmp_path: Path):
     assert np.array_equal(load_training_set(dense.train, genes).X, load_training_set(sparse.train, genes).X)
 
 
+def test_float64_x_and_small_chunks_give_the_same_matrix(tmp_path: Path):
+    """Dense X is read through one reused float32 buffer: a float64 file converts on the way in, and row
+    chunks that split around dropped `other` rows stitch back to the same matrix."""
+    import anndata as ad
+
+    from transdnn.data import _select_genes
+
+    tiny = make_tiny(tmp_path / "d")
+    genes = read_gene_list(tiny.genes)
+    expected = load_training_set(tiny.train, genes).X
+    raw = ad.read_h5ad(tiny.train)
+    wide = tmp_path / "float64.h5ad"
+    write_h5ad(wide, raw.X.astype(np.float64), raw.obs["region_index"].tolist(), raw.var["Gene"].tolist())
+    assert np.array_equal(load_training_set(wide, genes).X, expected)
+    rows = np.flatnonzero(~raw.obs["region_index"].str.startswith("other").to_numpy())
+    backed = ad.read_h5ad(tiny.train, backed="r")
+    assert np.array_equal(_select_genes(backed, rows, genes, tiny.train, chunk=7), expected)
+
+
 def test_transform_sets_are_averaged_per_region(tiny: TinyData):
     inputs = load_partition_inputs(tiny.human, tiny.mouse, tiny.genes, tiny.homology)
     import anndata as ad

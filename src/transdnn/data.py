@@ -144,6 +144,10 @@ def _select_genes(adata: ad.AnnData, rows: np.ndarray, genes: GeneList, path: Pa
     out = np.empty((len(rows), len(cols)), dtype=np.float32)
     keep = np.zeros(adata.n_obs, dtype=bool)
     keep[rows] = True
+    # A dense X is read chunk by chunk into one reused float32 buffer: fresh 100+ MB blocks would each
+    # page-fault in anew (as much kernel time as the read itself).
+    dense = isinstance(adata.X, h5py.Dataset)
+    buffer = np.empty((min(chunk, adata.n_obs), adata.n_vars), dtype=np.float32) if dense else None
     filled = 0
     try:
         for start in range(0, adata.n_obs, chunk):
@@ -151,15 +155,20 @@ def _select_genes(adata: ad.AnnData, rows: np.ndarray, genes: GeneList, path: Pa
             sel = keep[start:stop]
             if not sel.any():
                 continue
-            block = adata.X[start:stop]
+            if buffer is not None:
+                block = buffer[: stop - start]
+                adata.X.read_direct(block, np.s_[start:stop], np.s_[0 : stop - start])
+            else:
+                block = adata.X[start:stop]
             if not sel.all():
                 block = block[sel]
             target = out[filled : filled + block.shape[0]]
             if sp.issparse(block):
                 target[:] = block[:, cols].toarray()
             else:
-                np.take(np.asarray(block, dtype=np.float32), cols, axis=1, out=target)
-            if not np.isfinite(target).all():
+                # cols are in range by construction; numpy buffers `out` (a second copy) only in mode="raise"
+                np.take(np.asarray(block, dtype=np.float32), cols, axis=1, out=target, mode="wrap")
+            if not (np.isfinite(target.min()) and np.isfinite(target.max())):  # min and max propagate NaN
                 raise InputError(f"{path}: X has NaN or inf values (expected finite expression values)")
             filled += block.shape[0]
     except InputError:

@@ -42,3 +42,12 @@ def test_ideal_loop_prints_its_wall_time():
     )
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["wall"] > 0 and result["device"] in ("cpu", "cuda")
+
+
+def test_load_timers_read_the_file_in_a_fresh_process(compare, tiny):
+    """Both loaders of the loading comparison run, each in its own process, and report a duration; a
+    missing file fails loudly instead of timing an error."""
+    for which in ("anndata", "transdnn"):
+        assert compare._load_seconds(which, tiny.train, tiny.genes) > 0
+        with pytest.raises(subprocess.CalledProcessError):
+            compare._load_seconds(which, tiny.train.with_name("missing.h5ad"), tiny.genes)

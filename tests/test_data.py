@@ -41,10 +41,13 @@ def test_sparse_input_gives_the_same_matrix(tmp_path: Path):
     assert np.array_equal(load_training_set(dense.train, genes).X, load_training_set(sparse.train, genes).X)
 
 
-def test_float64_x_and_small_chunks_give_the_same_matrix(tmp_path: Path):
-    """Dense X is read through one reused float32 buffer: a float64 file converts on the way in, and row
-    chunks that split around dropped `other` rows stitch back to the same matrix."""
+@pytest.mark.parametrize("layout", ["contiguous float64", "compressed float32", "compressed float64"])
+def test_every_dense_layout_and_chunking_gives_the_same_matrix(layout: str, tmp_path: Path):
+    """A contiguous X (the tiny default) is mapped and gathered on all cores; a compressed one is read
+    through one reused float32 buffer. Either converts float64 on the way in, and row chunks that split
+    around dropped `other` rows stitch back to the same matrix."""
     import anndata as ad
+    import h5py
 
     from transdnn.data import _select_genes
 
@@ -52,12 +55,16 @@ def test_float64_x_and_small_chunks_give_the_same_matrix(tmp_path: Path):
     genes = read_gene_list(tiny.genes)
     expected = load_training_set(tiny.train, genes).X
     raw = ad.read_h5ad(tiny.train)
-    wide = tmp_path / "float64.h5ad"
-    write_h5ad(wide, raw.X.astype(np.float64), raw.obs["region_index"].tolist(), raw.var["Gene"].tolist())
-    assert np.array_equal(load_training_set(wide, genes).X, expected)
+    raw.X = raw.X.astype(np.float64 if layout.endswith("float64") else np.float32)
+    other = tmp_path / "other.h5ad"
+    raw.write_h5ad(other, compression="gzip" if layout.startswith("compressed") else None)
+    with h5py.File(other, "r") as f:
+        assert (f["X"].id.get_offset() is None) == layout.startswith("compressed")
     rows = np.flatnonzero(~raw.obs["region_index"].str.startswith("other").to_numpy())
-    backed = ad.read_h5ad(tiny.train, backed="r")
-    assert np.array_equal(_select_genes(backed, rows, genes, tiny.train, chunk=7), expected)
+    for path in (tiny.train, other):
+        assert np.array_equal(load_training_set(path, genes).X, expected)
+        for chunk in (7, 10_000):
+            assert np.array_equal(_select_genes(ad.read_h5ad(path, backed="r"), rows, genes, path, chunk=chunk), expected)
 
 
 def test_transform_sets_are_averaged_per_region(tiny: TinyData):

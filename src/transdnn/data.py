@@ -5,6 +5,9 @@ Every violation raises `InputError` with one line naming the file, the field and
 
 from __future__ import annotations
 
+import mmap
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +20,8 @@ import scipy.sparse as sp
 from transdnn.errors import InputError
 
 UNLABELLED = "other"
+_CAN_DROP_PAGES = hasattr(mmap, "MADV_DONTNEED")  # madvise is POSIX-only
+_MAX_GATHER_THREADS = 8  # the gather is memory-bound: more threads than this only contend
 _SHOW = 3
 
 
@@ -123,7 +128,7 @@ def _region_ids(adata: ad.AnnData, path: Path) -> pd.Series:
     return adata.obs["region_index"].astype(str).reset_index(drop=True)
 
 
-def _select_genes(adata: ad.AnnData, rows: np.ndarray, genes: GeneList, path: Path, chunk: int = 8192) -> np.ndarray:
+def _select_genes(adata: ad.AnnData, rows: np.ndarray, genes: GeneList, path: Path, chunk: int = 4096) -> np.ndarray:
     """Return rows x gene-list matrix (float32), reading X in row chunks: only the selected block is
     ever dense in memory, whether X is dense or sparse on disk."""
     names = adata.var["Gene"].astype(str) if "Gene" in adata.var.columns else pd.Series(adata.var_names)
@@ -144,33 +149,13 @@ def _select_genes(adata: ad.AnnData, rows: np.ndarray, genes: GeneList, path: Pa
     out = np.empty((len(rows), len(cols)), dtype=np.float32)
     keep = np.zeros(adata.n_obs, dtype=bool)
     keep[rows] = True
-    # A dense X is read chunk by chunk into one reused float32 buffer: fresh 100+ MB blocks would each
-    # page-fault in anew (as much kernel time as the read itself).
-    dense = isinstance(adata.X, h5py.Dataset)
-    buffer = np.empty((min(chunk, adata.n_obs), adata.n_vars), dtype=np.float32) if dense else None
-    filled = 0
     try:
-        for start in range(0, adata.n_obs, chunk):
-            stop = min(start + chunk, adata.n_obs)
-            sel = keep[start:stop]
-            if not sel.any():
-                continue
-            if buffer is not None:
-                block = buffer[: stop - start]
-                adata.X.read_direct(block, np.s_[start:stop], np.s_[0 : stop - start])
-            else:
-                block = adata.X[start:stop]
-            if not sel.all():
-                block = block[sel]
-            target = out[filled : filled + block.shape[0]]
-            if sp.issparse(block):
-                target[:] = block[:, cols].toarray()
-            else:
-                # cols are in range by construction; numpy buffers `out` (a second copy) only in mode="raise"
-                np.take(np.asarray(block, dtype=np.float32), cols, axis=1, out=target, mode="wrap")
-            if not (np.isfinite(target.min()) and np.isfinite(target.max())):  # min and max propagate NaN
-                raise InputError(f"{path}: X has NaN or inf values (expected finite expression values)")
-            filled += block.shape[0]
+        X = adata.X
+        offset = X.id.get_offset() if isinstance(X, h5py.Dataset) else None
+        if offset is None:
+            _gather_read(X, keep, cols, out, path, chunk)
+        else:
+            _gather_mapped(X, offset, keep, cols, out, path, chunk)
     except InputError:
         raise
     except Exception as exc:  # a truncated or corrupt X only shows when it is read
@@ -179,6 +164,90 @@ def _select_genes(adata: ad.AnnData, rows: np.ndarray, genes: GeneList, path: Pa
         if adata.isbacked:
             adata.file.close()
     return out
+
+
+def _gather_mapped(
+    X: h5py.Dataset, offset: int, keep: np.ndarray, cols: np.ndarray, out: np.ndarray, path: Path, chunk: int
+) -> None:
+    """Gather a contiguous dense X (anndata's default layout) straight from the file's pages.
+
+    Mapping instead of reading skips a copy of every full-width row, and the chunks are gathered on
+    all cores: numpy's take runs without the GIL, and the first touch of `out`'s fresh pages, as costly
+    as the gather itself, is shared too. 50k cortex rows: 0.23 s on 2 cores against 0.4-2 s for one
+    read-and-gather. Each chunk's pages leave the mapping once gathered, so resident memory grows by
+    the chunks in flight, not by the file.
+    """
+    with open(path, "rb") as handle:
+        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    whole = np.frombuffer(mapped, dtype=X.dtype, count=X.size, offset=offset).reshape(X.shape)
+    row_bytes = X.dtype.itemsize * X.shape[1]
+    starts = range(0, X.shape[0], chunk)
+    firsts = np.concatenate([[0], np.cumsum([np.count_nonzero(keep[s : s + chunk]) for s in starts])])
+
+    def gather(i: int) -> None:
+        start, stop = starts[i], min(starts[i] + chunk, X.shape[0])
+        sel = keep[start:stop]
+        if sel.any():
+            _take(whole[start:stop] if sel.all() else whole[start:stop][sel], cols, out[firsts[i] : firsts[i + 1]], path)
+        if _CAN_DROP_PAGES:
+            low = (offset + start * row_bytes) // mmap.PAGESIZE * mmap.PAGESIZE
+            mapped.madvise(mmap.MADV_DONTNEED, low, offset + stop * row_bytes - low)
+
+    with ThreadPoolExecutor(max_workers=_cores(), thread_name_prefix="transdnn-gather") as pool:
+        list(pool.map(gather, range(len(starts))))
+
+
+def _gather_read(
+    X: h5py.Dataset | ad.abc.CSRDataset | ad.abc.CSCDataset,
+    keep: np.ndarray,
+    cols: np.ndarray,
+    out: np.ndarray,
+    path: Path,
+    chunk: int,
+) -> None:
+    """Read a chunked (compressed) dense X or a sparse X chunk by chunk and gather each.
+
+    A dense chunk is read into one reused float32 buffer: fresh 100+ MB blocks would each page-fault in
+    anew. A sparse chunk is sliced to the selected genes before it is densified.
+    """
+    dense = isinstance(X, h5py.Dataset)
+    buffer = np.empty((min(chunk, X.shape[0]), X.shape[1]), dtype=np.float32) if dense else None
+    filled = 0
+    for start in range(0, X.shape[0], chunk):
+        stop = min(start + chunk, X.shape[0])
+        sel = keep[start:stop]
+        if not sel.any():
+            continue
+        if buffer is not None:
+            block = buffer[: stop - start]
+            X.read_direct(block, np.s_[start:stop], np.s_[0 : stop - start])
+        else:
+            block = X[start:stop]
+        if not sel.all():
+            block = block[sel]
+        target = out[filled : filled + block.shape[0]]
+        if sp.issparse(block):
+            target[:] = block[:, cols].toarray()
+            _check_finite(target, path)
+        else:
+            _take(block, cols, target, path)
+        filled += block.shape[0]
+
+
+def _take(block: np.ndarray, cols: np.ndarray, target: np.ndarray, path: Path) -> None:
+    # cols are in range by construction; numpy buffers `out` (a second copy) only in mode="raise"
+    np.take(np.asarray(block, dtype=np.float32), cols, axis=1, out=target, mode="wrap")
+    _check_finite(target, path)
+
+
+def _check_finite(target: np.ndarray, path: Path) -> None:
+    if target.size and not (np.isfinite(target.min()) and np.isfinite(target.max())):  # min/max propagate NaN
+        raise InputError(f"{path}: X has NaN or inf values (expected finite expression values)")
+
+
+def _cores() -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(cores, _MAX_GATHER_THREADS)
 
 
 def load_training_set(path: Path, genes: GeneList) -> TrainingSet:

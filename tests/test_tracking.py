@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -32,7 +33,10 @@ def _train_embed(params: Path, *extra: str) -> str:
 
 
 def test_runs_children_metrics_and_inputs(params: Path, tracking_uri: str):
-    run_id = _train_embed(params, "--max-epochs", "4")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_id = _train_embed(params, "--max-epochs", "4")
+    assert not [w for w in caught if "input example" in str(w.message)], "the example is logged beside the model"
     client = MlflowClient(tracking_uri)
     parent = client.get_run(run_id)
     assert parent.info.status == "FINISHED"

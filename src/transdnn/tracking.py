@@ -263,7 +263,9 @@ class TrainingRun:
         pd.DataFrame(example, columns=genes).to_csv(example_csv, index=False)
         signature = model_signature(genes)
         for r, (weights, meta) in enumerate(replicate_files):
-            with mlflow.start_run(run_id=self.children[r], nested=True), _libyaml_emitter():
+            with mlflow.start_run(run_id=self.children[r], nested=True), _libyaml_emitter(), warnings.catch_warnings():
+                # the example is logged beside the model (see above); MLflow warns that the model has none
+                warnings.filterwarnings("ignore", message=".*An input example was not provided")  # after a colour code
                 info = mlflow.pyfunc.log_model(
                     name="model",
                     python_model=str(_MODEL_CODE),

@@ -292,3 +292,20 @@ def test_duplicated_gene_outside_the_gene_list_is_harmless(tiny: TinyData):
     pd.DataFrame({"genes": [g for g in tiny.gene_names if g not in ("gene1", "gene2")]}).to_csv(tiny.genes, index=False)
     ts = load_training_set(tiny.train, read_gene_list(tiny.genes))
     assert ts.X.shape[1] == 38
+
+
+def test_a_file_with_a_user_block_gives_the_same_matrix(tmp_path: Path):
+    """HDF5 files may start with a user block, which shifts every address: the mapped read must either
+    account for it or fall back to reading X (it checks X's first row), never return shifted values."""
+    import anndata as ad
+    import h5py
+
+    tiny = make_tiny(tmp_path / "d")
+    genes = read_gene_list(tiny.genes)
+    raw = ad.read_h5ad(tiny.train)
+    blocked = tmp_path / "user-block.h5ad"
+    with h5py.File(blocked, "w", userblock_size=4096) as f:
+        ad.io.write_elem(f, "/", raw)
+    with h5py.File(blocked, "r") as f:
+        assert f.userblock_size == 4096 and f["X"].id.get_offset() is not None
+    assert np.array_equal(load_training_set(blocked, genes).X, load_training_set(tiny.train, genes).X)

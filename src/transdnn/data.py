@@ -151,11 +151,11 @@ def _select_genes(adata: ad.AnnData, rows: np.ndarray, genes: GeneList, path: Pa
     keep[rows] = True
     try:
         X = adata.X
-        offset = X.id.get_offset() if isinstance(X, h5py.Dataset) else None
-        if offset is None:
+        mapped = _mapped(X, path) if isinstance(X, h5py.Dataset) else None
+        if mapped is None:
             _gather_read(X, keep, cols, out, path, chunk)
         else:
-            _gather_mapped(X, offset, keep, cols, out, path, chunk)
+            _gather_mapped(*mapped, keep, cols, out, path, chunk)
     except InputError:
         raise
     except Exception as exc:  # a truncated or corrupt X only shows when it is read
@@ -166,10 +166,35 @@ def _select_genes(adata: ad.AnnData, rows: np.ndarray, genes: GeneList, path: Pa
     return out
 
 
+def _mapped(X: h5py.Dataset, path: Path) -> tuple[mmap.mmap, int, np.ndarray] | None:
+    """The file's pages under a contiguous X (anndata's default layout), as an array.
+
+    None, and X is read instead, where X is chunked (compressed), the file cannot be mapped, or the
+    mapping does not read back X's first row (a file layout this does not know, e.g. a user block).
+    """
+    offset = X.id.get_offset()
+    if offset is None:
+        return None
+    try:
+        with open(path, "rb") as handle:
+            pages = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        whole = np.frombuffer(pages, dtype=X.dtype, count=X.size, offset=offset).reshape(X.shape)
+    except (OSError, ValueError):
+        return None
+    return (pages, offset, whole) if np.array_equal(whole[0], X[0], equal_nan=True) else None
+
+
 def _gather_mapped(
-    X: h5py.Dataset, offset: int, keep: np.ndarray, cols: np.ndarray, out: np.ndarray, path: Path, chunk: int
+    pages: mmap.mmap,
+    offset: int,
+    whole: np.ndarray,
+    keep: np.ndarray,
+    cols: np.ndarray,
+    out: np.ndarray,
+    path: Path,
+    chunk: int,
 ) -> None:
-    """Gather a contiguous dense X (anndata's default layout) straight from the file's pages.
+    """Gather the gene columns of a mapped X straight from the file's pages.
 
     Mapping instead of reading skips a copy of every full-width row, and the chunks are gathered on
     all cores: numpy's take runs without the GIL, and the first touch of `out`'s fresh pages, as costly
@@ -177,21 +202,18 @@ def _gather_mapped(
     read-and-gather. Each chunk's pages leave the mapping once gathered, so resident memory grows by
     the chunks in flight, not by the file.
     """
-    with open(path, "rb") as handle:
-        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-    whole = np.frombuffer(mapped, dtype=X.dtype, count=X.size, offset=offset).reshape(X.shape)
-    row_bytes = X.dtype.itemsize * X.shape[1]
-    starts = range(0, X.shape[0], chunk)
+    row_bytes = whole.dtype.itemsize * whole.shape[1]
+    starts = range(0, whole.shape[0], chunk)
     firsts = np.concatenate([[0], np.cumsum([np.count_nonzero(keep[s : s + chunk]) for s in starts])])
 
     def gather(i: int) -> None:
-        start, stop = starts[i], min(starts[i] + chunk, X.shape[0])
+        start, stop = starts[i], min(starts[i] + chunk, whole.shape[0])
         sel = keep[start:stop]
         if sel.any():
             _take(whole[start:stop] if sel.all() else whole[start:stop][sel], cols, out[firsts[i] : firsts[i + 1]], path)
         if _CAN_DROP_PAGES:
             low = (offset + start * row_bytes) // mmap.PAGESIZE * mmap.PAGESIZE
-            mapped.madvise(mmap.MADV_DONTNEED, low, offset + stop * row_bytes - low)
+            pages.madvise(mmap.MADV_DONTNEED, low, offset + stop * row_bytes - low)
 
     with ThreadPoolExecutor(max_workers=_cores(), thread_name_prefix="transdnn-gather") as pool:
         list(pool.map(gather, range(len(starts))))

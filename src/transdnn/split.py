@@ -28,11 +28,13 @@ def split_rows(row_sample: np.ndarray, valid_samples: np.ndarray) -> tuple[np.nd
     return np.flatnonzero(~valid_rows), np.flatnonzero(valid_rows)
 
 
-def fit_scalers(X: torch.Tensor, train_masks: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_scalers(X: torch.Tensor, train_masks: torch.Tensor, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-replicate StandardScaler statistics (mean, std with ddof 0; std 0 -> 1) of the training rows.
 
     `train_masks` is replicates x rows (bool). One pass over X in row chunks, float64 accumulation,
-    so memory stays at one chunk whatever the number of replicates.
+    so memory stays at one chunk whatever the number of replicates. A 256-row chunk's float64 copy and
+    square (9 MB on cortex) stay in cache: 0.4-0.8 s for 50k cortex rows and 10 replicates, against
+    1.7-4 s with 8,192-row chunks, whose copies each page-fault in anew.
     """
     masks = train_masks.to(torch.float64)
     total = torch.zeros(masks.shape[0], X.shape[1], dtype=torch.float64, device=X.device)

@@ -230,3 +230,19 @@ def test_metrics_sent_from_the_writer_thread_all_arrive_in_order(tracking_uri: s
         assert [m.step for m in history] == list(range(12))
         assert [m.value for m in history] == [e + 0.5 if r == 0 else -e for e in range(12)]
         assert client.get_run(child).info.status == "FINISHED"
+
+
+def test_file_digest_is_dvcs_md5_and_changes_with_the_file(tmp_path: Path):
+    """Digests are remembered per process; a rewritten file (new size or time) is digested again."""
+    import hashlib
+    import os
+
+    from transdnn.tracking import file_digest
+
+    f = tmp_path / "input.csv"
+    f.write_bytes(b"genes\nA\n")
+    assert file_digest(f) == hashlib.md5(b"genes\nA\n").hexdigest() == file_digest(f)
+    f.write_bytes(b"genes\nB\n")  # same size: only the modification time tells
+    st = f.stat()
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert file_digest(f) == hashlib.md5(b"genes\nB\n").hexdigest()

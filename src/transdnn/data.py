@@ -263,7 +263,7 @@ def _take(block: np.ndarray, cols: np.ndarray, target: np.ndarray, path: Path) -
 
 
 def _check_finite(target: np.ndarray, path: Path) -> None:
-    if target.size and not (np.isfinite(target.min()) and np.isfinite(target.max())):  # min/max propagate NaN
+    if not (np.isfinite(target.min()) and np.isfinite(target.max())):  # min and max propagate NaN
         raise InputError(f"{path}: X has NaN or inf values (expected finite expression values)")
 
 

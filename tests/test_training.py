@@ -6,6 +6,7 @@ import signal
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -62,17 +63,42 @@ def test_early_stopping_fires_after_patience_without_improvement(params: Path, t
         assert row.best_valid_loss == pytest.approx(hist.valid_loss.min(), rel=1e-6)
 
 
-def test_stopped_replicates_keep_their_last_weights(params: Path, tiny: TinyData):
+def test_stopped_replicates_leave_the_model_and_keep_their_last_weights(params: Path, tiny: TinyData):
     part, inputs, ts = _setup(params, tiny, learning_rate=5.0, max_epochs=40, patience=1, replicates=2)
     trainer = Trainer(ts, inputs, part, torch.device("cpu"))
     while not trainer.done:
         trainer.step_epoch()
         if not bool(trainer.active.all()) and bool(trainer.active.any()):
             r = int((~trainer.active).nonzero()[0])
-            frozen = trainer.model.weights[0][r].detach().clone()
+            at_stop = trainer.last_weights()["weights.0"][r].clone()
+            assert trainer.live.tolist() == [1 - r]
+            assert trainer.model.weights[0].shape[0] == 1, "the stopped replicate is no longer computed"
             trainer.step_epoch()
-            assert torch.equal(trainer.model.weights[0][r], frozen)
-            break
+            assert torch.equal(trainer.last_weights()["weights.0"][r], at_stop)
+            return
+    pytest.fail("the high learning rate should stop one replicate before the other")
+
+
+def test_retiring_a_replicate_leaves_the_others_arithmetic_alone(params: Path, tiny: TinyData):
+    """Without dropout (the only draw shared by replicates), a replicate trains the same whether or not
+    another one left the model: its weights, optimiser state and inputs were sliced, not mixed up."""
+    part = override(_setup(params, tiny, replicates=3)[0], "model", dropout=0.0)
+    _, inputs, ts = _setup(params, tiny)
+    full, compact = (Trainer(ts, inputs, part, torch.device("cpu")) for _ in range(2))
+    for trainer in (full, compact):
+        trainer.step_epoch()
+        trainer.step_epoch()
+    leaving = torch.tensor([False, True, False])
+    compact._retire(leaving)
+    compact.active &= ~leaving
+    assert compact.live.tolist() == [0, 2]
+    assert torch.equal(compact.last_weights()["weights.0"][1], full.model.weights[0][1])
+    full_metrics, compact_metrics = full.step_epoch(), compact.step_epoch()
+    for a, b in zip(full.model.parameters(), compact.model.parameters(), strict=True):
+        assert torch.allclose(a[[0, 2]], b, rtol=1e-5, atol=1e-7)
+    kept = full_metrics[full_metrics.replicate != 1].reset_index(drop=True)
+    assert kept.replicate.tolist() == compact_metrics.replicate.tolist() == [0, 2]
+    assert np.allclose(kept.valid_loss, compact_metrics.valid_loss, rtol=1e-5)
 
 
 def test_cached_validation_inputs_score_like_chunked_ones(params: Path, tiny: TinyData):
@@ -86,7 +112,7 @@ def test_cached_validation_inputs_score_like_chunked_ones(params: Path, tiny: Ti
 
 
 def test_only_the_checkpoints_asked_for_are_kept(params: Path, tiny: TinyData):
-    """By default only embed.checkpoint is kept; "last" is the live model, with stopped replicates frozen."""
+    """By default only embed.checkpoint is kept; "last" is the live model, with stopped replicates as they stopped."""
     part, inputs, ts = _setup(params, tiny, learning_rate=5.0, max_epochs=40, patience=1, replicates=3)
     default = train(ts, inputs, part, torch.device("cpu"))
     assert list(default.checkpoints) == ["best_valid"]
@@ -98,7 +124,7 @@ def test_only_the_checkpoints_asked_for_are_kept(params: Path, tiny: TinyData):
         before = trainer.active.clone()
         trainer.step_epoch()
         for r in (before & ~trainer.active).nonzero().flatten().tolist():
-            at_stop[r] = trainer.model.weights[0][r].detach().clone()
+            at_stop[r] = trainer.last_weights()["weights.0"][r].clone()
     result = trainer.result()
     assert list(result.checkpoints) == ["best_valid", "best_rank", "last"]
     assert at_stop, "the high learning rate stops replicates early"
@@ -173,6 +199,39 @@ def test_resume_state_missing_a_kept_checkpoint_is_refused(params: Path, tiny: T
     wider = override(part, "train", extra_checkpoints=["best_rank"])
     with pytest.raises(InputError, match="resume state keeps checkpoints"):
         load_state(state.current(), ts, wider)
+
+
+def test_resume_after_replicates_stopped_continues_bit_for_bit(params: Path, tiny: TinyData, tmp_path: Path):
+    part, inputs, ts = _setup(
+        params, tiny, learning_rate=5.0, max_epochs=40, patience=1, replicates=3, extra_checkpoints=["best_rank", "last"]
+    )
+    straight = train(ts, inputs, part, torch.device("cpu"))
+    first_stop = int(straight.summary.epochs_run.min()) - 1
+    assert first_stop < int(straight.summary.epochs_run.max()) - 2, "replicates should stop at different epochs"
+    state = AlternatingFile(tmp_path / "s.pt")
+    with pytest.raises(KeyboardInterrupt):
+        train(ts, inputs, part, torch.device("cpu"), _InterruptAt(first_stop + 1), state)
+    saved = load_state(state.current(), ts, part)
+    assert len(saved["live"]) < 3, "the state was written after a replicate had stopped"
+    resumed = train(ts, inputs, part, torch.device("cpu"), resume_from=saved)
+    for kind, weights in straight.checkpoints.items():
+        for name, t in weights.items():
+            assert torch.equal(t, resumed.checkpoints[kind][name]), (kind, name)
+    pd.testing.assert_frame_equal(straight.history, resumed.history, check_dtype=False, rtol=0, atol=0)
+
+
+class _InterruptAt:
+    """A sink that presses Ctrl-C during one epoch's report: training keeps that epoch and stops."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_epoch(self, epoch, metrics):
+        if epoch == self.epoch:
+            signal.raise_signal(signal.SIGINT)
+
+    def flush(self):
+        return None
 
 
 class _InterruptAfterOne:

@@ -13,7 +13,7 @@ import pickle
 import signal
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,6 +153,10 @@ class Trainer:
         self.model = StackedMLP(R, n_in, settings.model.hidden_units, n_out, settings.model.dropout, settings.model.dropout_mode)
         self.model.reset_parameters(self.seeds)
         self.model.to(device)
+        # The replicates still training, in the model's order: a replicate that stops early leaves the
+        # model (and its optimiser state and inputs), so the epochs after it cost only the others' work.
+        self.live = torch.arange(R, device=device)
+        self.retired: dict[str, torch.Tensor] | None = None  # (R, ...) last weights of stopped replicates
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=self.cfg.learning_rate, weight_decay=self.cfg.weight_decay, fused=True
         )
@@ -167,7 +171,6 @@ class Trainer:
         self.stale = np.zeros(R, dtype=np.int64)
         self.epochs_run = np.zeros(R, dtype=np.int64)
         self.snapshots = {kind: self._copy_of_model() for kind in _snapshot_kinds(settings)}
-        self.frozen: dict[str, torch.Tensor] | None = None  # weights of early-stopped replicates
         self.epoch = 0
         self.rows: list[pd.DataFrame] = []
         self.autocast = self.cfg.precision == "bf16"
@@ -209,23 +212,25 @@ class Trainer:
         return torch.addcmul(self.shift[:, None, :], out, self.inv_std[:, None, :], out=out)
 
     def transform_inputs(self) -> torch.Tensor:
-        """Region-averaged transform sets as model input; the training scaler applies only if asked."""
-        R = self.cfg.replicates
-        x = self.region_inputs.expand(R, -1, -1)
+        """Region-averaged transform sets as model input (one copy per live replicate); the training
+        scaler applies only if asked."""
+        x = self.region_inputs.expand(len(self.live), -1, -1)
         if self.cfg.transform_scaling == "train":
-            x = (x - self.mean[:, None, :]) / self.std[:, None, :]
+            x = (x - self.mean[self.live, None, :]) / self.std[self.live, None, :]
         return x
 
     def _batches(self) -> torch.Tensor:
-        """(steps, R, B) row indices: a fresh shuffle per replicate; the last partial batch is dropped.
+        """(steps, live replicates, B) row indices: a fresh shuffle per replicate; the last partial batch
+        is dropped.
 
         Replicates whose split left fewer full batches than the largest one top up from a second shuffle,
         so all replicates step together.
         """
         B = self.cfg.batch_size
-        steps = max(1, max(len(t) // B for t in self.train_idx))
+        live = self.live.tolist()
+        steps = max(1, max(len(self.train_idx[r]) // B for r in live))
         cols = []
-        for t, gen in zip(self.train_idx, self.gens, strict=True):
+        for t, gen in ((self.train_idx[r], self.gens[r]) for r in live):
             order = t[torch.randperm(len(t), generator=gen)]
             while len(order) < steps * B:
                 order = torch.cat([order, t[torch.randperm(len(t), generator=gen)]])
@@ -233,21 +238,20 @@ class Trainer:
         return torch.stack(cols, dim=1).to(self.device)
 
     def _train_pass(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One epoch of every live replicate: (L,) mean loss and accuracy."""
         self.model.train()
-        weight = self.active.to(torch.float32)
         batches = self._batches()
-        loss_sum = torch.zeros(self.cfg.replicates, device=self.device)
-        correct = torch.zeros(self.cfg.replicates, device=self.device)
-        rows = torch.arange(self.cfg.replicates, device=self.device)[:, None]
+        loss_sum = torch.zeros(len(self.live), device=self.device)
+        correct = torch.zeros(len(self.live), device=self.device)
+        rows = self.live[:, None]
         for idx in batches:
             with self._amp():
                 logits, _ = self.model(self._scaled(idx))
             target = self.Y[rows, idx]
             losses = F.cross_entropy(logits.float().transpose(1, 2), target, reduction="none").mean(dim=1)
             self.optimizer.zero_grad(set_to_none=True)  # fresh gradients are taken over, not added (see reuse_freed_memory)
-            (losses * weight).sum().backward()
+            losses.sum().backward()
             self.optimizer.step()
-            self._freeze_stopped()
             loss_sum += losses.detach()
             correct += (logits.detach().argmax(-1) == target).sum(dim=1)
         return loss_sum / len(batches), correct / (len(batches) * self.cfg.batch_size)
@@ -255,31 +259,56 @@ class Trainer:
     def _copy_of_model(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().clone() for n, p in self.model.named_parameters()}
 
-    def _freeze_stopped(self) -> None:
-        """Stopped replicates keep their last weights (AdamW momentum would otherwise move them)."""
-        if self.frozen is None:
+    def _retire(self, stopping: torch.Tensor) -> None:
+        """Keep the last weights of the replicates that stop now, then drop them from the model, the
+        optimiser state and the per-replicate inputs. The others' arithmetic is unchanged (replicates
+        share no tensor); only the global dropout draws, made for fewer replicates, follow a new course."""
+        leaving = stopping[self.live]
+        if not bool(leaving.any()):
             return
-        _copy_replicates(((p, self.frozen[name]) for name, p in self.model.named_parameters()), ~self.active)
+        params = dict(self.model.named_parameters())
+        if self.retired is None:
+            self.retired = {n: p.new_zeros((self.cfg.replicates, *p.shape[1:])) for n, p in params.items()}
+        with torch.no_grad():
+            for n, p in params.items():
+                self.retired[n][self.live[leaving]] = p[leaving]
+        keep = (~leaving).nonzero().flatten()
+        if len(keep) == 0:
+            return  # the last replicates stopped: training is over, the model stays as it ended
+        for p in params.values():
+            state = self.optimizer.state.get(p, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == p.shape:
+                    state[key] = value[keep]
+            p.grad = None
+            p.data = p.data[keep]
+        self.model.replicates = len(keep)
+        self.live = self.live[keep]
+        self.inv_std, self.shift = self.inv_std[keep], self.shift[keep]
+        if self.valid_inputs is not None:
+            self.valid_inputs = self.valid_inputs[keep]
 
-    def _freeze(self, stopping: torch.Tensor) -> None:
-        """Keep the weights of replicates that stop now; they are restored after every later step."""
-        if not bool(stopping.any()):
-            return
-        if self.frozen is None:
-            self.frozen = self._copy_of_model()
-        else:
-            _copy_replicates(((self.frozen[name], p) for name, p in self.model.named_parameters()), stopping)
+    def last_weights(self) -> dict[str, torch.Tensor]:
+        """(R, ...) weights as each replicate ended its last epoch: live ones from the model, stopped
+        ones as they stopped."""
+        params = {n: p.detach() for n, p in self.model.named_parameters()}
+        if self.retired is None:
+            return params
+        for n, p in params.items():
+            self.retired[n][self.live] = p
+        return self.retired
 
     @torch.no_grad()
     def _valid_pass(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Score every validation row of every replicate (no drop_last)."""
+        """Score every validation row of every live replicate (no drop_last): (L,) loss and accuracy."""
         self.model.eval()
-        loss_sum = torch.zeros(self.cfg.replicates, device=self.device, dtype=torch.float64)
-        correct = torch.zeros(self.cfg.replicates, device=self.device, dtype=torch.float64)
-        rows = torch.arange(self.cfg.replicates, device=self.device)[:, None]
-        for start in range(0, self.valid_idx.shape[1], VALID_CHUNK):
-            idx = self.valid_idx[:, start : start + VALID_CHUNK]
-            mask = self.valid_mask[:, start : start + VALID_CHUNK]
+        loss_sum = torch.zeros(len(self.live), device=self.device, dtype=torch.float64)
+        correct = torch.zeros(len(self.live), device=self.device, dtype=torch.float64)
+        rows = self.live[:, None]
+        valid_idx, valid_mask = self.valid_idx[self.live], self.valid_mask[self.live]
+        for start in range(0, valid_idx.shape[1], VALID_CHUNK):
+            idx = valid_idx[:, start : start + VALID_CHUNK]
+            mask = valid_mask[:, start : start + VALID_CHUNK]
             inputs = self.valid_inputs if self.valid_inputs is not None else self._scaled(idx)
             with self._amp():
                 logits, _ = self.model(inputs)
@@ -287,12 +316,12 @@ class Trainer:
             losses = F.cross_entropy(logits.float().transpose(1, 2), target, reduction="none")
             loss_sum += (losses * mask).sum(dim=1)
             correct += ((logits.argmax(-1) == target) & mask).sum(dim=1)
-        n = self.valid_mask.sum(dim=1)
+        n = valid_mask.sum(dim=1)
         return (loss_sum / n).float(), (correct / n).float()
 
     @torch.no_grad()
     def embeddings(self) -> torch.Tensor:
-        """(R, human + mouse regions, H) embeddings in one batched forward pass."""
+        """(L, human + mouse regions, H) embeddings of the live replicates in one batched forward pass."""
         self.model.eval()
         with self._amp():
             return self.model.embed(self.transform_inputs()).float()
@@ -305,10 +334,16 @@ class Trainer:
         return homology_rank(corr, self.h_idx, self.m_idx)
 
     def _snapshot(self, kind: str, where: torch.Tensor) -> None:
+        """Copy the live model's weights into snapshot `kind` for the replicates marked in (R,) `where`."""
         if kind not in self.snapshots:
             return
         snap = self.snapshots[kind]
-        _copy_replicates(((snap[name], p) for name, p in self.model.named_parameters()), where)
+        position = {r: k for k, r in enumerate(self.live.tolist())}
+        rows = [(r, position[r]) for r in where.nonzero().flatten().tolist()]
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                for r, k in rows:  # slice copies: no temporary of the whole stack
+                    snap[name][r].copy_(p[k])
 
     @property
     def done(self) -> bool:
@@ -337,9 +372,13 @@ class Trainer:
         valid_acc: torch.Tensor,
         rank: torch.Tensor,
     ) -> pd.DataFrame:
-        """Best trackers, checkpoint snapshots, early stopping and the scheduler, after an epoch."""
+        """Best trackers, checkpoint snapshots, early stopping and the scheduler, after an epoch.
+
+        The epoch's (L,) figures are for the live replicates, which are exactly the active ones."""
         active = self.active.cpu()
-        vl, rk = valid_loss.double().cpu(), rank.double().cpu()
+        live = self.live.cpu()
+        vl = torch.full((self.cfg.replicates,), torch.nan, dtype=torch.float64).index_copy_(0, live, valid_loss.double().cpu())
+        rk = torch.full((self.cfg.replicates,), torch.nan, dtype=torch.float64).index_copy_(0, live, rank.double().cpu())
         better_loss = active & (vl <= self.best["valid_loss"])
         better_rank = active & (rk <= self.best["homology_rank"])
         self.best["valid_loss"] = torch.where(better_loss, vl, self.best["valid_loss"])
@@ -356,34 +395,35 @@ class Trainer:
         metrics = pd.DataFrame(
             {
                 "epoch": self.epoch,
-                "replicate": np.arange(self.cfg.replicates),
+                "replicate": live.numpy(),
                 "train_loss": train_loss.cpu().numpy(),
                 "train_acc": train_acc.cpu().numpy(),
                 "valid_loss": valid_loss.cpu().numpy(),
                 "valid_acc": valid_acc.cpu().numpy(),
-                "homology_rank": rk.numpy(),
+                "homology_rank": rank.double().cpu().numpy(),
                 "lr": lr,
             }
-        )[a].reset_index(drop=True)
+        )
         self.rows.append(metrics)
         stopping = torch.from_numpy(self.stale >= self.cfg.patience).to(self.device) & self.active
-        self._freeze(stopping)
+        self._retire(stopping)
         self.active &= ~stopping
         self.scheduler.step()
         self.epoch += 1
         return metrics
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue bit-for-bit after a kill: weights, optimiser, scheduler, RNG
-        states, early-stopping counters, best snapshots, history. Plain tensors and numbers only, so it
-        loads with `weights_only=True`. Stopped replicates' frozen weights equal the live ones at an
-        epoch's end, so they need no copy of their own."""
+        """Everything needed to continue bit-for-bit after a kill: weights (all replicates', as each
+        ended its last epoch), the live replicates and their optimiser state, scheduler, RNG states,
+        early-stopping counters, best snapshots, history. Plain tensors and numbers only, so it loads
+        with `weights_only=True`."""
         history = (
             pd.concat(self.rows, ignore_index=True) if self.rows else pd.DataFrame(columns=["epoch", "replicate", *EPOCH_METRICS])
         )
         return {
             "epoch": self.epoch,
-            "model": {n: p.detach().cpu() for n, p in self.model.named_parameters()},
+            "model": {n: p.cpu() for n, p in self.last_weights().items()},
+            "live": self.live.cpu(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng_global": torch.get_rng_state(),
@@ -399,19 +439,23 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state_dict()`: all replicates' weights are loaded, then the stopped ones retire
+        as they did, so the live model and its optimiser state take the shapes they were saved with."""
         self.epoch = int(state["epoch"])
         with torch.no_grad():
             for n, p in self.model.named_parameters():
                 p.copy_(state["model"][n])
                 for kind, snap in self.snapshots.items():
                     snap[n].copy_(state["snapshots"][kind][n])
+        stopped = torch.ones(self.cfg.replicates, dtype=torch.bool)
+        stopped[state["live"]] = False
+        self._retire(stopped.to(self.device))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng_global"])
         for g, s in zip(self.gens, state["rng_replicates"], strict=True):
             g.set_state(s.clone())  # a row of a stacked tensor is a view; set_state needs its own storage
         self.active = state["active"].to(self.device)
-        self.frozen = None if bool(self.active.all()) else self._copy_of_model()
         self.best = {"valid_loss": state["best_valid_loss"], "homology_rank": state["best_homology_rank"]}
         self.best_epoch = {k: v.numpy().copy() for k, v in state["best_epoch"].items()}
         self.stale = state["stale"].numpy().copy()
@@ -421,7 +465,7 @@ class Trainer:
         self.rows = [hist] if len(hist) else []
 
     def _weights_of(self, kind: str) -> dict[str, torch.Tensor]:
-        return dict(self.model.named_parameters()) if kind == "last" else self.snapshots[kind]
+        return self.last_weights() if kind == "last" else self.snapshots[kind]
 
     def result(self) -> TrainResult:
         history = pd.concat(self.rows, ignore_index=True)
@@ -460,16 +504,6 @@ class Trainer:
 def _snapshot_kinds(settings: PartitionSettings) -> tuple[str, ...]:
     """The kept checkpoints that need a copy of their own during training ("last" is the live model)."""
     return tuple(kind for kind in settings.checkpoint_kinds if kind != "last")
-
-
-def _copy_replicates(pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], which: torch.Tensor) -> None:
-    """Copy the chosen replicates' slices of each (destination, source) stack: per-replicate slice copies
-    make no temporary of the whole stack."""
-    replicates = which.nonzero().flatten().tolist()
-    with torch.no_grad():
-        for dst, src in pairs:
-            for r in replicates:
-                dst[r].copy_(src[r])
 
 
 def train(
@@ -567,6 +601,11 @@ def load_state(path: Path, train_set: TrainingSet, settings: PartitionSettings) 
         raise InputError(
             f"{path}: resume state is for (replicates, genes, hidden) = {found}, expected {expected} from params and data; "
             "resume only the training that wrote it"
+        )
+    if "live" not in state:
+        raise InputError(
+            f"{path}: resume state lacks 'live' (written by an older transdnn, which kept stopped replicates in the model); "
+            "expected one written by this version: train afresh without --resume"
         )
     kept = set(state.get("snapshots", {}))
     needed = set(_snapshot_kinds(settings))

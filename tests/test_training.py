@@ -220,6 +220,19 @@ def test_resume_after_replicates_stopped_continues_bit_for_bit(params: Path, tin
     pd.testing.assert_frame_equal(straight.history, resumed.history, check_dtype=False, rtol=0, atol=0)
 
 
+def test_resume_state_without_the_live_set_is_refused(params: Path, tiny: TinyData, tmp_path: Path):
+    """A state from before stopped replicates left the model cannot be continued by this loop."""
+    part, inputs, ts = _setup(params, tiny, max_epochs=3)
+    state = AlternatingFile(tmp_path / "s.pt")
+    with pytest.raises(KeyboardInterrupt):
+        train(ts, inputs, part, torch.device("cpu"), _InterruptAfterOne(), state)
+    old = torch.load(state.current(), weights_only=True)
+    del old["live"]
+    torch.save(old, tmp_path / "old.pt")
+    with pytest.raises(InputError, match="lacks 'live'"):
+        load_state(tmp_path / "old.pt", ts, part)
+
+
 class _InterruptAt:
     """A sink that presses Ctrl-C during one epoch's report: training keeps that epoch and stops."""
 

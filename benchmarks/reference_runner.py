@@ -21,6 +21,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, required=True)
     ap.add_argument("--inputs", type=int, required=True)
     ap.add_argument("--outputs", type=int, required=True)
+    ap.add_argument("--learning-rate", type=float, default=None, help="default: the published code's own")
     a = ap.parse_args()
     wheel = Path(a.wheel)
     sys.path[:0] = [a.deps, str(wheel)]
@@ -57,6 +58,7 @@ def main() -> None:
         output_units=a.outputs,
         use_bestrank=False,
         use_bestvalid=True,
+        **({"learning_rate": a.learning_rate} if a.learning_rate else {}),
     )
     cfg.update_paths(
         gene_path=a.genes,

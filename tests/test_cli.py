@@ -42,7 +42,9 @@ def test_train_then_embed_writes_the_reference_layout(params: Path, tmp_path: Pa
         "training reports the ranks of the weights it stored"
     )
     epochs = sum(v for k, v in train_info["seconds"].items() if k != "epochs")
-    assert epochs < train_info["data_set_seconds"], "the data set's wall time holds its epochs and more"
+    after = train_info["after_training_seconds"]
+    assert set(after) == {"save", "track"} and min(after.values()) > 0
+    assert epochs + sum(after.values()) < train_info["data_set_seconds"], "the data set's wall time holds its parts"
 
 
 def test_resume_keeps_the_data_sets_a_killed_job_had_finished(params: Path, tiny: TinyData, tmp_path: Path):

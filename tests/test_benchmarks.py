@@ -21,9 +21,15 @@ def compare():
     del sys.modules["compare"]
 
 
-def _case(name: str, reference: float, wall: float, train_set: float, embed_set: float) -> dict:
+def _case(name: str, reference: float, wall: float, train_set: float, embed_set: float, reference_replicates: int = 10) -> dict:
     ours = {"wall": wall, "extra": {"train_data_set_s": train_set, "embed_data_set_s": embed_set}}
-    return {"case": name, "reference": {"wall": reference}, "transdnn": {"fp32": ours}}
+    return {
+        "case": name,
+        "replicates": 10,
+        "reference_replicates": reference_replicates,
+        "reference": {"wall": reference},
+        "transdnn": {"fp32": ours},
+    }
 
 
 def test_workload_pays_startup_once_per_partition(compare):
@@ -33,6 +39,15 @@ def test_workload_pays_startup_once_per_partition(compare):
     assert hours.loc["transdnn fp32", "cortex"] == pytest.approx((18.0 + 100 * 82.0) / 3600)
     assert hours.loc["transdnn fp32", "subcortex"] == pytest.approx((10.0 + 100 * 10.0) / 3600)
     assert hours.loc["reference", "all 2,000 models"] == pytest.approx(11.0)
+
+
+def test_workload_scales_a_reference_run_with_fewer_replicates(compare):
+    """On a short GPU lease the reference trains 2 of the 10 replicates, one after another: the workload
+    counts it five times over."""
+    results = [_case("cortex 5k rows", 72.0, 100.0, 80.0, 2.0, 2), _case("subcortex 2k rows", 36.0, 20.0, 9.0, 1.0)]
+    hours = compare.workload_hours(results, data_sets=100)
+    assert hours.loc["reference", "cortex"] == pytest.approx(10.0)
+    assert hours.loc["reference", "subcortex"] == pytest.approx(1.0)
 
 
 def test_ideal_loop_prints_its_wall_time():

@@ -66,6 +66,11 @@ class Case:
     reference_replicates: int | None = None  # None: as many as transdnn trains
     data: Path = field(init=False)
 
+    @property
+    def reference_runs(self) -> int:
+        """Replicates the reference trains."""
+        return self.reference_replicates or self.replicates
+
 
 @dataclass
 class Measure:
@@ -200,7 +205,7 @@ def bench_reference(case: Case, wheel: Path, deps: Path, work: Path) -> Measure:
             "--out",
             str(out),
             "--replicates",
-            str(case.reference_replicates or case.replicates),
+            str(case.reference_runs),
             "--epochs",
             str(case.epochs),
             "--inputs",
@@ -212,7 +217,7 @@ def bench_reference(case: Case, wheel: Path, deps: Path, work: Path) -> Measure:
     )
     info = json.loads(stdout.strip().splitlines()[-1])
     ranks, epochs, skipped = [], 0, 0
-    for r in range(case.reference_replicates or case.replicates):
+    for r in range(case.reference_runs):
         rep = out / "Data_0" / f"Repeat_{r}"
         hist = pd.read_csv(rep / "loss and rank each epoch.csv")
         epochs += len(hist) + (1 if len(hist) < case.epochs else 0)  # the stopping epoch is not logged
@@ -278,22 +283,23 @@ def bench_transdnn(case: Case, work: Path, precision: str, train_marginal: bool 
     )
 
 
-def _two_sets(params: dict, partition: str, work: Path) -> tuple[dict, list[str]]:
-    """`params` with the partition's training set listed twice (a link under a second name), out in `work`."""
+def _two_sets(params: dict, partition: str, work: Path) -> tuple[Path, list[str]]:
+    """A params file in `work` that lists the partition's training set twice (a link under a second
+    name), out in `work`; and the two names."""
     part = params[partition]
     (work / "sets").mkdir(parents=True)
     names = ["Integrated_dataset_0.h5ad", "Integrated_dataset_0_again.h5ad"]
     for name in names:
         (work / "sets" / name).symlink_to(Path(part["data"]["train_dir"]) / names[0])
     part = {**part, "data": {**part["data"], "train_dir": str(work / "sets"), "train": names}, "out": str(work)}
-    return {**params, partition: part}, names
+    params_file = work / "params.yaml"
+    params_file.write_text(yaml.safe_dump({**params, partition: part}))
+    return params_file, names
 
 
 def train_second_set(params: dict, partition: str, work: Path, env: dict) -> dict:
     """train.json of the second data set of a two-set `transdnn train`: what each further data set costs."""
-    two, names = _two_sets(params, partition, work)
-    params_file = work / "params.yaml"
-    params_file.write_text(yaml.safe_dump(two))
+    params_file, names = _two_sets(params, partition, work)
     run_measured([TRANSDNN, "train", partition, "--params", str(params_file)], env)
     return json.loads((work / "train" / Path(names[1]).stem / "train.json").read_text())
 
@@ -301,11 +307,9 @@ def train_second_set(params: dict, partition: str, work: Path, env: dict) -> dic
 def embed_marginal(params: dict, partition: str, root: Path, work: Path, env: dict) -> float:
     """Wall time of `transdnn embed` over two data sets (the trained one under a second name): minus the
     one-set wall, what each further data set of a multi-set job costs the embed stage."""
-    two, names = _two_sets(params, partition, work)
+    params_file, names = _two_sets(params, partition, work)
     for name in names:
         shutil.copytree(root / "train" / "Integrated_dataset_0", work / "train" / Path(name).stem)
-    params_file = work / "params.yaml"
-    params_file.write_text(yaml.safe_dump(two))
     return run_measured([TRANSDNN, "embed", partition, "--params", str(params_file)], env)[0]
 
 
@@ -431,7 +435,7 @@ def main() -> None:
         result = {
             "case": case.name,
             "replicates": case.replicates,
-            "reference_replicates": case.reference_replicates or case.replicates,
+            "reference_replicates": case.reference_runs,
             "max_epochs": case.epochs,
             "transdnn": {},
             "ideal": {},

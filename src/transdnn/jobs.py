@@ -174,13 +174,13 @@ def train_partition(
             if run is not None or resume_from is None:  # an untracked resume keeps the killed run's record
                 write_json(layout.run_record, {"run_id": run.parent_id if run else None})
             result = train(train_set, inputs, part, device, _Fanout(run, progress), layout.state, resume_from)
-            after = {"save": time.perf_counter()}
+            saving = time.perf_counter()
             meta = _meta(partition, part, result, layout.dataset)
             stored = {kind: _stored(result, meta, kind, part.train.checkpoint_dtype) for kind in result.checkpoints}
             history_files = _save_training(result, layout, stored)
             chosen_model = stored[part.embed.checkpoint]
             chosen = embed_inputs(chosen_model, inputs, device).ranks
-            after["track"] = time.perf_counter()
+            tracking = time.perf_counter()
             if run is not None:
                 _track_training(run, result, meta, history_files, chosen, chosen_model, train_set.X[:EXAMPLE_ROWS])
             finished = time.perf_counter()
@@ -197,7 +197,7 @@ def train_partition(
                     "seconds": result.seconds,
                     # after the epochs: writing checkpoints and history and ranking the chosen one; logging
                     # the run's summary, plots and one model per replicate to MLflow
-                    "after_training_seconds": {"save": after["track"] - after["save"], "track": finished - after["track"]},
+                    "after_training_seconds": {"save": tracking - saving, "track": finished - tracking},
                     # this data set's wall time in the process (loading, training, saving, tracking):
                     # what each further data set of a multi-set job costs, without start-up
                     "data_set_seconds": time.perf_counter() - started,

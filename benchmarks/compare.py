@@ -365,7 +365,8 @@ def loading_and_split(case: Case, repeats: int = 5) -> dict:
 
 def memory_100k(rows_target: int = 100_000) -> dict:
     """Peak RSS of one training epoch on a ~100k-row cortex set vs 1.5x its float32 matrix + 1 GiB."""
-    case = Case("cortex-100k", "cortex", 6, max(1, round(rows_target / (105 * 6))), 1, 1)
+    cells = max(1, round(rows_target / (105 * 6)))
+    case = Case("cortex-100k", "cortex 100k rows", "cortex", samples=6, cells=cells, replicates=1, epochs=1)
     synth(case)
     work = CACHE / "work" / "mem100k"
     work.mkdir(parents=True, exist_ok=True)

@@ -66,3 +66,15 @@ def test_load_timers_read_the_file_in_a_fresh_process(compare, tiny):
         assert compare._load_seconds(which, tiny.train, tiny.genes) > 0
         with pytest.raises(subprocess.CalledProcessError):
             compare._load_seconds(which, tiny.train.with_name("missing.h5ad"), tiny.genes)
+
+
+@pytest.mark.slow
+def test_memory_check_trains_one_epoch_of_its_set(compare, tmp_path, monkeypatch):
+    """The 100k-row memory check runs last in a full benchmark: it builds its set (here ~630 rows),
+    trains one epoch in its own process and reports the peak beside the issue's limit."""
+    monkeypatch.setattr(compare, "CACHE", tmp_path)
+    result = compare.memory_100k(rows_target=630)
+    assert result["rows"] == 630
+    assert result["selected_mb"] == pytest.approx(630 * 4542 * 4 / 2**20)
+    assert result["limit_mb"] == pytest.approx(1.5 * result["selected_mb"] + 1024)
+    assert result["peak_mb"] > 0

@@ -194,7 +194,7 @@ def test_resume_state_missing_a_kept_checkpoint_is_refused(params: Path, tiny: T
     part, inputs, ts = _setup(params, tiny, max_epochs=3)
     state = AlternatingFile(tmp_path / "s.pt")
     with pytest.raises(KeyboardInterrupt):
-        train(ts, inputs, part, torch.device("cpu"), _InterruptAfterOne(), state)
+        train(ts, inputs, part, torch.device("cpu"), _InterruptAt(0), state)
     assert load_state(state.current(), ts, part)["epoch"] == 1
     wider = override(part, "train", extra_checkpoints=["best_rank"])
     with pytest.raises(InputError, match="resume state keeps checkpoints"):
@@ -225,7 +225,7 @@ def test_resume_state_without_the_live_set_is_refused(params: Path, tiny: TinyDa
     part, inputs, ts = _setup(params, tiny, max_epochs=3)
     state = AlternatingFile(tmp_path / "s.pt")
     with pytest.raises(KeyboardInterrupt):
-        train(ts, inputs, part, torch.device("cpu"), _InterruptAfterOne(), state)
+        train(ts, inputs, part, torch.device("cpu"), _InterruptAt(0), state)
     old = torch.load(state.current(), weights_only=True)
     del old["live"]
     torch.save(old, tmp_path / "old.pt")
@@ -242,16 +242,6 @@ class _InterruptAt:
     def on_epoch(self, epoch, metrics):
         if epoch == self.epoch:
             signal.raise_signal(signal.SIGINT)
-
-    def flush(self):
-        return None
-
-
-class _InterruptAfterOne:
-    """A sink that presses Ctrl-C during the first epoch's report: training keeps that epoch and stops."""
-
-    def on_epoch(self, epoch, metrics):
-        signal.raise_signal(signal.SIGINT)
 
     def flush(self):
         return None

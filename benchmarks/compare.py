@@ -71,6 +71,17 @@ class Case:
         """Replicates the reference trains."""
         return self.reference_replicates or self.replicates
 
+    @property
+    def rows(self) -> int:
+        return self.samples * self.cells * regions_of(self.partition)
+
+
+def regions_of(partition: str) -> int:
+    """Training regions (the model's classes) of a partition, from transdnn's atlas."""
+    from transdnn.synth import atlas_regions
+
+    return len(atlas_regions(f"human_bn_{partition}"))
+
 
 @dataclass
 class Measure:
@@ -313,9 +324,9 @@ def embed_marginal(params: dict, partition: str, root: Path, work: Path, env: di
     return run_measured([TRANSDNN, "embed", partition, "--params", str(params_file)], env)[0]
 
 
-def bench_ideal(case: Case, rows: int, genes: int, classes: int, epochs: int, steps: int, precision: str) -> Measure:
-    args = {"rows": rows, "genes": genes, "classes": classes, "replicates": case.replicates, "epochs": epochs}
-    args |= {"batch": 256, "steps": steps, "precision": precision}
+def bench_ideal(case: Case, genes: int, epochs: int, steps: int, precision: str) -> Measure:
+    args = {"rows": case.rows, "genes": genes, "classes": regions_of(case.partition), "replicates": case.replicates}
+    args |= {"epochs": epochs, "batch": 256, "steps": steps, "precision": precision}
     _, peak, stdout = run_measured(
         [sys.executable, str(HERE / "ideal_loop.py"), *(x for k, v in args.items() for x in (f"--{k}", str(v)))]
     )
@@ -365,7 +376,7 @@ def loading_and_split(case: Case, repeats: int = 5) -> dict:
 
 def memory_100k(rows_target: int = 100_000) -> dict:
     """Peak RSS of one training epoch on a ~100k-row cortex set vs 1.5x its float32 matrix + 1 GiB."""
-    cells = max(1, round(rows_target / (105 * 6)))
+    cells = max(1, round(rows_target / (regions_of("cortex") * 6)))
     case = Case("cortex-100k", "cortex 100k rows", "cortex", samples=6, cells=cells, replicates=1, epochs=1)
     synth(case)
     work = CACHE / "work" / "mem100k"
@@ -377,9 +388,8 @@ def memory_100k(rows_target: int = 100_000) -> dict:
     params["cortex"]["out"] = str(work / "out")
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     _, peak, _ = run_measured([TRANSDNN, "train", "cortex", "--params", str(work / "params.yaml"), "--no-track"])
-    rows = case.samples * case.cells * 105
-    selected_mb = rows * len(pd.read_csv(p.genes)) * 4 / 2**20
-    return {"rows": rows, "selected_mb": selected_mb, "peak_mb": peak, "limit_mb": 1.5 * selected_mb + 1024}
+    selected_mb = case.rows * len(pd.read_csv(p.genes)) * 4 / 2**20
+    return {"rows": case.rows, "selected_mb": selected_mb, "peak_mb": peak, "limit_mb": 1.5 * selected_mb + 1024}
 
 
 def main() -> None:
@@ -431,8 +441,6 @@ def main() -> None:
         work.mkdir(parents=True)
         p = paths(case)
         genes = len(pd.read_csv(p.genes))
-        classes = 105 if case.partition == "cortex" else 22
-        rows = case.samples * case.cells * classes
         result = {
             "case": case.name,
             "replicates": case.replicates,
@@ -444,7 +452,7 @@ def main() -> None:
         result["reference"] = bench_reference(case, wheel, deps, work).__dict__
         for precision in precisions:
             ours = bench_transdnn(case, work, precision, a.train_marginal)
-            ideal = bench_ideal(case, rows, genes, classes, ours.extra["ideal_epochs"], ours.extra["steps"], precision)
+            ideal = bench_ideal(case, genes, ours.extra["ideal_epochs"], ours.extra["steps"], precision)
             result["transdnn"][precision], result["ideal"][precision] = ours.__dict__, ideal.__dict__
         results.append(result)
         print_case(result)
@@ -454,10 +462,8 @@ def main() -> None:
     if len(published) == 2:
         print("\n== the published workload, 100 data sets per partition, hours on this machine")
         print(workload_hours(published).round(1).to_string())
-    by_name = {c.name: c for c in cases}
-    scaling = {
-        size: loading_and_split(by_name[f"cortex {size} rows"]) for size in ("50k", "5k") if f"cortex {size} rows" in by_name
-    }
+    by_key = {c.key: c for c in cases}
+    scaling = {size: loading_and_split(by_key[f"cortex-{size}"]) for size in ("50k", "5k") if f"cortex-{size}" in by_key}
     if scaling:
         print("\nloading and split (s):", json.dumps(scaling, indent=1))
     mem = None if a.skip_100k else memory_100k()

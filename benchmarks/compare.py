@@ -471,8 +471,14 @@ def main() -> None:
         print(
             f"\npeak memory, {mem['rows']}-row cortex set: {mem['peak_mb']:.0f} MB (limit 1.5 x {mem['selected_mb']:.0f} MB + 1 GiB = {mem['limit_mb']:.0f} MB)"
         )
+    run = {"machine": machine, "cases": results, "scaling": scaling, "memory_100k": mem}
+    verdicts = targets(run)
+    if len(verdicts):
+        quick = "; a --quick run is not the workload they are set on" if a.quick else ""
+        print(f"\n== the CPU targets: {(verdicts.met == 'yes').sum()} of {len(verdicts)} met{quick}")
+        print(verdicts.to_string(index=False))
     if a.json:
-        write_json(a.json, {"machine": machine, "cases": results, "scaling": scaling, "memory_100k": mem})
+        write_json(a.json, run | {"targets": verdicts.to_dict("records")})
 
 
 def write_json(path: Path, results: dict) -> None:
@@ -502,6 +508,80 @@ def workload_hours(results: list[dict], data_sets: int = 100) -> pd.DataFrame:
     return table
 
 
+# The CPU budget (docs/performance.md, "target (CPU)"), set on the default cortex and subcortex sets.
+TARGET_CASES = ("cortex 5k rows", "subcortex 2k rows")
+MIN_SPEED_UP = 2.5  # the full run over the reference
+MAX_OVER_IDEAL = 1.15  # train + embed over the ideal loop
+MAX_PER_EPOCH_WORK = 0.10  # validation, rank, bookkeeping over the training pass
+MAX_BYTES_SHARE = 0.10  # default outputs over the reference's
+MAX_LOAD_OVER_ANNDATA = 1.2  # loading 50k rows over anndata's own read
+MAX_GROWTH_OVER_ROWS = 1.5  # linear: 10x the rows costs at most 15x the time (quadratic: ~100x)
+
+
+def targets(run: dict) -> pd.DataFrame:
+    """Each CPU target against one run's results (the `--json` layout): measured, limit, met.
+
+    A case where the reference trained fewer replicates is judged per replicate-epoch and has no bytes
+    row (its outputs are not the full run's)."""
+    rows = []
+
+    def add(target: str, where: str, measured: float, limit: float, met: bool, fmt: str) -> None:
+        rows.append(
+            {
+                "target": target,
+                "where": where,
+                "measured": fmt.format(measured),
+                "limit": fmt.format(limit),
+                "met": "yes" if met else "no",
+            }
+        )
+
+    for r in (r for r in run["cases"] if r["case"] in TARGET_CASES):
+        ref, whole = r["reference"], r["reference_replicates"] == r["replicates"]
+        for precision, ours in r["transdnn"].items():
+            where = f"{r['case'].split()[0]} {precision}"
+            if whole:
+                speed_up, name = ref["wall"] / ours["wall"], "speed-up over the reference"
+            else:
+                per_epoch = (ref["wall"] / ref["replicate_epochs"]) / (ours["wall"] / ours["replicate_epochs"])
+                speed_up, name = per_epoch, "speed-up over the reference per replicate-epoch"
+            add(name, where, speed_up, MIN_SPEED_UP, speed_up >= MIN_SPEED_UP, "{:.2f}x")
+            over = ours["wall"] / r["ideal"][precision]["wall"]
+            add("train + embed over the ideal loop", where, over, MAX_OVER_IDEAL, over <= MAX_OVER_IDEAL, "{:.2f}x")
+            work = ours["extra"]["per_epoch_overhead"]
+            add("per-epoch work beyond the pass", where, work, MAX_PER_EPOCH_WORK, work <= MAX_PER_EPOCH_WORK, "{:.1%}")
+            if whole:
+                share = ours["out_bytes"] / ref["out_bytes"]
+                add(
+                    "default outputs over the reference's bytes",
+                    where,
+                    share,
+                    MAX_BYTES_SHARE,
+                    share <= MAX_BYTES_SHARE,
+                    "{:.1%}",
+                )
+    scaling = run.get("scaling") or {}
+    if big := scaling.get("50k"):
+        limit = MAX_LOAD_OVER_ANNDATA * big["anndata_read_s"]
+        add(
+            "loading 50k rows, s (anndata's read + 20 %)",
+            "cortex",
+            big["transdnn_load_s"],
+            limit,
+            big["transdnn_load_s"] <= limit,
+            "{:.2f}",
+        )
+        if small := scaling.get("5k"):
+            more_rows = big["rows"] / small["rows"]
+            for what, key in (("loading", "transdnn_load_s"), ("split", "transdnn_split_s")):
+                growth, limit = big[key] / small[key], MAX_GROWTH_OVER_ROWS * more_rows
+                add(f"{what} time for {more_rows:.0f}x the rows", "cortex", growth, limit, growth <= limit, "{:.1f}x")
+    if mem := run.get("memory_100k"):
+        peak, limit = mem["peak_mb"], mem["limit_mb"]
+        add(f"peak MB, {mem['rows']}-row set (1.5 x selected fp32 + 1 GiB)", "cortex", peak, limit, peak <= limit, "{:.0f}")
+    return pd.DataFrame(rows, columns=["target", "where", "measured", "limit", "met"])
+
+
 def print_case(r: dict) -> None:
     ref = r["reference"]
     measured = [("reference", ref)]
@@ -522,26 +602,23 @@ def print_case(r: dict) -> None:
     reference = f"; the reference {r['reference_replicates']}" if fewer else ""
     print(f"\n== {r['case']} ({r['replicates']} replicates{reference}, up to {r['max_epochs']} epochs)")
     print(pd.DataFrame(rows).to_string(index=False))
-    ratios = []
+    ratios = {}
     ref_ms = ref["wall"] / ref["replicate_epochs"]
     for precision, ours in r["transdnn"].items():
         ideal = r["ideal"][precision]
-        ratios.append(
-            {
-                "transdnn": precision,
-                "speed-up vs reference": "n/a" if fewer else f"{ref['wall'] / ours['wall']:.2f}x",
-                "per replicate-epoch": f"{ref_ms / (ours['wall'] / ours['replicate_epochs']):.2f}x",
-                "per replicate-epoch, each further data set": f"{ref_ms / (data_set_s(ours) / ours['replicate_epochs']):.2f}x",
-                "overhead vs ideal (train)": f"{ours['extra']['train_s'] / ideal['wall']:.2f}x",
-                "overhead vs ideal (train+embed)": f"{ours['wall'] / ideal['wall']:.2f}x",
-                "overhead vs ideal (each further data set of a job)": f"{data_set_s(ours) / ideal['wall']:.2f}x",
-                "per-epoch work beyond the pass": f"{ours['extra']['per_epoch_overhead']:.1%}",
-                "bytes vs reference": "n/a" if fewer else f"{ours['out_bytes'] / max(ref['out_bytes'], 1):.1%}",
-                "checkpoints MB": round(ours["extra"]["checkpoint_bytes"] / 2**20),
-                "MLflow artifacts MB": round(ours["extra"]["mlflow_bytes"] / 2**20),
-            }
-        )
-    print(pd.DataFrame(ratios).to_string(index=False))
+        ratios[precision] = {
+            "speed-up vs reference": "n/a" if fewer else f"{ref['wall'] / ours['wall']:.2f}x",
+            "per replicate-epoch": f"{ref_ms / (ours['wall'] / ours['replicate_epochs']):.2f}x",
+            "per replicate-epoch, each further data set": f"{ref_ms / (data_set_s(ours) / ours['replicate_epochs']):.2f}x",
+            "overhead vs ideal (train)": f"{ours['extra']['train_s'] / ideal['wall']:.2f}x",
+            "overhead vs ideal (train+embed)": f"{ours['wall'] / ideal['wall']:.2f}x",
+            "overhead vs ideal (each further data set of a job)": f"{data_set_s(ours) / ideal['wall']:.2f}x",
+            "per-epoch work beyond the pass": f"{ours['extra']['per_epoch_overhead']:.1%}",
+            "bytes vs reference": "n/a" if fewer else f"{ours['out_bytes'] / max(ref['out_bytes'], 1):.1%}",
+            "checkpoints MB": round(ours["extra"]["checkpoint_bytes"] / 2**20),
+            "MLflow artifacts MB": round(ours["extra"]["mlflow_bytes"] / 2**20),
+        }
+    print(pd.DataFrame(ratios).to_string())
     print(
         f"reference split {ref['extra']['split_s']:.2f} s/replicate; "
         f"reference replicates without a best-valid checkpoint: {ref['extra']['skipped_replicates']}"

@@ -50,6 +50,44 @@ def test_workload_scales_a_reference_run_with_fewer_replicates(compare):
     assert hours.loc["reference", "subcortex"] == pytest.approx(1.0)
 
 
+RECORDED_RUN = Path(__file__).resolve().parents[1] / "docs" / "bench" / "cpu-2026-11-26-run4.json"
+
+
+def _verdict(table, target: str, where: str) -> tuple[str, str]:
+    row = table[(table["target"] == target) & (table["where"] == where)]
+    assert len(row) == 1, (target, where)
+    return row["measured"].iloc[0], row["met"].iloc[0]
+
+
+def test_targets_judge_a_recorded_run(compare):
+    """The full CPU run recorded in docs/performance.md, judged again: the verdicts its tables give."""
+    table = compare.targets(json.loads(RECORDED_RUN.read_text()))
+    assert _verdict(table, "speed-up over the reference", "cortex fp32") == ("2.48x", "no")
+    assert _verdict(table, "speed-up over the reference", "subcortex fp32") == ("3.68x", "yes")
+    assert _verdict(table, "train + embed over the ideal loop", "cortex fp32") == ("1.19x", "no")
+    assert _verdict(table, "per-epoch work beyond the pass", "cortex fp32") == ("9.3%", "yes")
+    assert _verdict(table, "per-epoch work beyond the pass", "subcortex fp32") == ("10.3%", "no")
+    assert _verdict(table, "default outputs over the reference's bytes", "subcortex fp32") == ("13.0%", "no")
+    assert _verdict(table, "loading 50k rows, s (anndata's read + 20 %)", "cortex") == ("0.47", "yes")
+    assert _verdict(table, "split time for 10x the rows", "cortex") == ("1.8x", "yes")
+    assert _verdict(table, "peak MB, 100170-row set (1.5 x selected fp32 + 1 GiB)", "cortex") == ("2301", "yes")
+    assert len(table) == 2 * 2 * 4 + 4  # two sets x two precisions x four targets, then loading, growth, memory
+
+
+def test_targets_judge_a_shortened_reference_per_replicate_epoch(compare):
+    """A GPU lease runs 2 of the reference's 10 replicates: the speed-up is taken per replicate-epoch and
+    its partial outputs are not weighed against transdnn's."""
+    run = json.loads(RECORDED_RUN.read_text())
+    cortex = run["cases"][0]
+    cortex["reference_replicates"] = 2
+    cortex["reference"]["wall"] /= 5
+    cortex["reference"]["replicate_epochs"] //= 5
+    table = compare.targets({"cases": [cortex]})
+    assert _verdict(table, "speed-up over the reference per replicate-epoch", "cortex fp32") == ("2.48x", "no")
+    assert "default outputs over the reference's bytes" not in set(table["target"])
+    assert set(table["where"]) == {"cortex fp32", "cortex bf16"}
+
+
 def test_ideal_loop_prints_its_wall_time():
     args = "--rows 64 --genes 16 --classes 4 --replicates 2 --epochs 2 --batch 8 --steps 3 --hidden 8"
     out = subprocess.run(

@@ -267,8 +267,12 @@ def bench_transdnn(case: Case, work: Path, precision: str, train_marginal: bool 
     metrics = json.loads((root / "metrics.json").read_text())["Integrated_dataset_0"]
     beyond = sum(v for k, v in seconds.items() if k not in ("train_pass", "epochs"))
     mlflow_bytes = dir_bytes(artifacts) - before  # before the two-set jobs log to the same store again
+    embedded = json.loads((root / "embed" / "Integrated_dataset_0" / "embed.json").read_text())
     # the first set of a job also pays one-time costs (CUDA context, lazy imports); a second set does not
-    further = train_second_set(params, case.partition, work / f"two-set-train-{precision}", env) if train_marginal else info
+    further, further_embedded = info, embedded
+    if train_marginal:
+        further = train_second_set(params, case.partition, work / f"two-set-train-{precision}", env)
+        further_embedded = embed_second_set(params, case.partition, root, work / f"two-sets-{precision}", env)
     return Measure(
         wall_t + wall_e,
         max(peak_t, peak_e),
@@ -281,7 +285,8 @@ def bench_transdnn(case: Case, work: Path, precision: str, train_marginal: bool 
             "train_data_set_s": further["data_set_seconds"],
             "train_first_data_set_s": info["data_set_seconds"],
             "after_training_s": further["after_training_seconds"],
-            "embed_data_set_s": embed_marginal(params, case.partition, root, work / f"two-sets-{precision}", env) - wall_e,
+            "embed_data_set_s": further_embedded["data_set_seconds"],
+            "embed_first_data_set_s": embedded["data_set_seconds"],
             "epochs_run": int(summary.epochs_run.max()),
             # the ideal loop has no early stopping: as many replicate-epochs as transdnn ran
             "ideal_epochs": -(-int(summary.epochs_run.sum()) // case.replicates),
@@ -315,13 +320,14 @@ def train_second_set(params: dict, partition: str, work: Path, env: dict) -> dic
     return json.loads((work / "train" / Path(names[1]).stem / "train.json").read_text())
 
 
-def embed_marginal(params: dict, partition: str, root: Path, work: Path, env: dict) -> float:
-    """Wall time of `transdnn embed` over two data sets (the trained one under a second name): minus the
-    one-set wall, what each further data set of a multi-set job costs the embed stage."""
+def embed_second_set(params: dict, partition: str, root: Path, work: Path, env: dict) -> dict:
+    """embed.json of the second data set of a two-set `transdnn embed` (the trained one under a second
+    name): what each further data set costs the embed stage."""
     params_file, names = _two_sets(params, partition, work)
     for name in names:
         shutil.copytree(root / "train" / "Integrated_dataset_0", work / "train" / Path(name).stem)
-    return run_measured([TRANSDNN, "embed", partition, "--params", str(params_file)], env)[0]
+    run_measured([TRANSDNN, "embed", partition, "--params", str(params_file)], env)
+    return json.loads((work / "embed" / Path(names[1]).stem / "embed.json").read_text())
 
 
 def bench_ideal(case: Case, genes: int, epochs: int, steps: int, precision: str) -> Measure:
@@ -476,7 +482,8 @@ def main() -> None:
     verdicts = targets(run)
     if len(verdicts):
         quick = "; a --quick run is not the workload they are set on" if a.quick else ""
-        print(f"\n== the CPU targets: {(verdicts.met == 'yes').sum()} of {len(verdicts)} met{quick}")
+        kind = "GPU" if machine["gpu"] else "CPU"
+        print(f"\n== the {kind} targets: {(verdicts.met == 'yes').sum()} of {len(verdicts)} met{quick}")
         print(verdicts.to_string(index=False))
     if a.json:
         write_json(a.json, run | {"targets": verdicts.to_dict("records")})
@@ -535,14 +542,20 @@ MAX_PER_EPOCH_WORK = 0.10  # validation, rank, bookkeeping over the training pas
 MAX_BYTES_SHARE = 0.10  # default outputs over the reference's
 MAX_LOAD_OVER_ANNDATA = 1.2  # loading 50k rows over anndata's own read
 MAX_GROWTH_OVER_ROWS = 1.5  # linear: 10x the rows costs at most 15x the time (quadratic: ~100x)
+# The GPU target, per replicate-epoch over the reference, for each further data set of a job (train +
+# embed): the published workload's unit, 100 sets per partition in one job
+MIN_GPU_SPEED_UP = 50.0
 
 
 def targets(run: dict) -> pd.DataFrame:
-    """Each CPU target against one run's results (the `--json` layout): measured, limit, met.
+    """Each target against one run's results (the `--json` layout): measured, limit, met.
 
-    A case where the reference trained fewer replicates is judged per replicate-epoch and has no bytes
-    row (its outputs are not the full run's)."""
+    A CPU run is judged on the CPU budget; a run on a GPU on the GPU speed-up instead (its wall-time
+    ratios are not the CPU's). A case where the reference trained fewer replicates is judged per
+    replicate-epoch and has no bytes row (its outputs are not the full run's). Loading, growth with rows
+    and peak memory are judged on either."""
     rows = []
+    on_gpu = bool(run.get("machine", {}).get("gpu"))
 
     def add(target: str, where: str, measured: float, limit: float, met: bool, fmt: str) -> None:
         rows.append(
@@ -558,6 +571,11 @@ def targets(run: dict) -> pd.DataFrame:
     for r in (r for r in run["cases"] if r["case"] in TARGET_CASES):
         for precision in r["transdnn"]:
             where, x = f"{r['case'].split()[0]} {precision}", ratios_of(r, precision)
+            if on_gpu:
+                further = x["per_further_set"]
+                name = "speed-up per replicate-epoch, each further data set"
+                add(name, where, further, MIN_GPU_SPEED_UP, further >= MIN_GPU_SPEED_UP, "{:.1f}x")
+                continue
             if x["speed_up"] is not None:
                 speed_up, name = x["speed_up"], "speed-up over the reference"
             else:

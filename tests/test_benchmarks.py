@@ -88,6 +88,25 @@ def test_targets_judge_a_shortened_reference_per_replicate_epoch(compare):
     assert set(table["where"]) == {"cortex fp32", "cortex bf16"}
 
 
+def test_targets_judge_a_gpu_run_on_the_gpu_speed_up(compare):
+    """On a GPU the wall-time budget of the CPU does not apply: each further data set (train + embed) is
+    judged per replicate-epoch against 50x; loading, growth and memory still are judged."""
+    run = json.loads(RECORDED_RUN.read_text())
+    run["machine"]["gpu"] = "NVIDIA H100 80GB HBM3"
+    cortex, subcortex = run["cases"][:2]
+    for case in (cortex, subcortex):
+        case["reference_replicates"], case["reference"]["wall"], case["reference"]["replicate_epochs"] = 1, 40.0, 50
+        case["transdnn"] = {"fp32": case["transdnn"]["fp32"]}
+    cortex["transdnn"]["fp32"]["extra"] |= {"train_data_set_s": 5.0, "embed_data_set_s": 2.5}  # 15 ms: 53.3x
+    subcortex["transdnn"]["fp32"]["extra"] |= {"train_data_set_s": 5.0, "embed_data_set_s": 3.5}  # 17 ms: 47.1x
+    table = compare.targets(run)
+    name = "speed-up per replicate-epoch, each further data set"
+    assert _verdict(table, name, "cortex fp32") == ("53.3x", "yes")
+    assert _verdict(table, name, "subcortex fp32") == ("47.1x", "no")
+    assert "train + embed over the ideal loop" not in set(table["target"])
+    assert "loading 50k rows, s (anndata's read + 20 %)" in set(table["target"])
+
+
 def test_ideal_loop_prints_its_wall_time():
     args = "--rows 64 --genes 16 --classes 4 --replicates 2 --epochs 2 --batch 8 --steps 3 --hidden 8"
     out = subprocess.run(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -21,9 +22,14 @@ def test_train_then_embed_writes_the_reference_layout(params: Path, tmp_path: Pa
     result = runner.invoke(app, ["train", "cortex", "--params", str(params), "--no-track", "--max-epochs", "12"])
     assert result.exit_code == 0, result.stderr
     assert "cortex/Integrated_dataset_0: 2 replicates" in result.stdout
+    started = time.perf_counter()
     result = runner.invoke(app, ["embed", "cortex", "--params", str(params), "--no-track"])
+    embed_wall = time.perf_counter() - started
     assert result.exit_code == 0, result.stderr
     root = tmp_path / "runs" / "cortex" / "embed" / "Integrated_dataset_0"
+    embed_info = json.loads((root / "embed.json").read_text())
+    assert 0 < embed_info["data_set_seconds"] < embed_wall, "the data set's own time, without the job's loading"
+    assert 0 <= embed_info["track_seconds"] < embed_info["data_set_seconds"]
     human = pd.read_csv(root / "replicate_0" / "human_embedding.csv", index_col=0)
     mouse = pd.read_csv(root / "replicate_1" / "mouse_embedding.csv", index_col=0)
     assert human.shape == (6, 32) and mouse.shape == (5, 32)

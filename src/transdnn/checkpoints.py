@@ -79,6 +79,11 @@ class RunLayout:
         return self.embed_dir / "metrics.json"
 
     @property
+    def embed_info(self) -> Path:
+        """The embed stage's own accounting for this data set, as train.json is the training's."""
+        return self.embed_dir / "embed.json"
+
+    @property
     def promotion(self) -> Path:
         return self.out / "promotion.json"
 

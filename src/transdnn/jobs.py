@@ -241,15 +241,21 @@ def embed_partition(
     inputs = load_inputs(part.data)
     all_metrics = {}
     for path in part.data.train_paths:
+        started = time.perf_counter()
         layout = RunLayout.for_training_file(part.out, path)
         stored = load_model(layout, checkpoint)
         emb = embed_inputs(stored, inputs, device)
         summary = pd.read_csv(layout.summary) if layout.summary.is_file() else None
         metrics = embed_metrics(emb, checkpoint, summary)
         write_embeddings(emb, layout, metrics)
+        tracking = time.perf_counter()
         run_id = json.loads(layout.train_info.read_text()).get("run_id") if layout.train_info.is_file() else None
         if tracker is not None and run_id:
             _track_embedding(tracker.reopen(run_id), layout, emb, inputs, metrics)
+        finished = time.perf_counter()
+        # what each further data set of a multi-set job costs this stage (the inputs are loaded once per
+        # job), measured in the process: differences between processes drown it in start-up noise on a GPU
+        write_json(layout.embed_info, {"data_set_seconds": finished - started, "track_seconds": finished - tracking})
         all_metrics[layout.dataset] = metrics
     write_json(RunLayout(part.out, "").partition_metrics, all_metrics)
     return all_metrics

@@ -244,6 +244,8 @@ def bench_reference(case: Case, wheel: Path, deps: Path, work: Path) -> Measure:
 
 
 def bench_transdnn(case: Case, work: Path, precision: str, train_marginal: bool = False) -> Measure:
+    from transdnn.checkpoints import RunLayout
+
     p = paths(case)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     part = params[case.partition]
@@ -260,19 +262,19 @@ def bench_transdnn(case: Case, work: Path, precision: str, train_marginal: bool 
     wall_t, peak_t, _ = run_measured([TRANSDNN, "train", case.partition, "--params", str(params_file)], env)
     wall_e, peak_e, _ = run_measured([TRANSDNN, "embed", case.partition, "--params", str(params_file)], env)
     root = work / f"transdnn-{precision}"
-    train_root = root / "train" / "Integrated_dataset_0"
-    summary = pd.read_csv(train_root / "train_summary.csv")
-    info = json.loads((train_root / "train.json").read_text())
+    layout = RunLayout(root, "Integrated_dataset_0")
+    summary = pd.read_csv(layout.summary)
+    info = json.loads(layout.train_info.read_text())
     seconds = info["seconds"]
-    metrics = json.loads((root / "metrics.json").read_text())["Integrated_dataset_0"]
+    metrics = json.loads(layout.partition_metrics.read_text())[layout.dataset]
     beyond = sum(v for k, v in seconds.items() if k not in ("train_pass", "epochs"))
     mlflow_bytes = dir_bytes(artifacts) - before  # before the two-set jobs log to the same store again
-    embedded = json.loads((root / "embed" / "Integrated_dataset_0" / "embed.json").read_text())
+    embedded = json.loads(layout.embed_info.read_text())
     # the first set of a job also pays one-time costs (CUDA context, lazy imports); a second set does not
     further, further_embedded = info, embedded
     if train_marginal:
         further = train_second_set(params, case.partition, work / f"two-set-train-{precision}", env)
-        further_embedded = embed_second_set(params, case.partition, root, work / f"two-sets-{precision}", env)
+        further_embedded = embed_second_set(params, case.partition, layout.train_root, work / f"two-sets-{precision}", env)
     return Measure(
         wall_t + wall_e,
         max(peak_t, peak_e),
@@ -280,7 +282,7 @@ def bench_transdnn(case: Case, work: Path, precision: str, train_marginal: bool 
         metrics["homology_rank_mean"],
         int(summary.epochs_run.sum()),  # a replicate that stopped early is no longer computed
         {
-            "checkpoint_bytes": dir_bytes(train_root / "checkpoints"),
+            "checkpoint_bytes": dir_bytes(layout.model_meta.parent),  # the checkpoints folder
             "mlflow_bytes": mlflow_bytes,
             "train_data_set_s": further["data_set_seconds"],
             "train_first_data_set_s": info["data_set_seconds"],
@@ -315,19 +317,24 @@ def _two_sets(params: dict, partition: str, work: Path) -> tuple[Path, list[str]
 
 def train_second_set(params: dict, partition: str, work: Path, env: dict) -> dict:
     """train.json of the second data set of a two-set `transdnn train`: what each further data set costs."""
+    from transdnn.checkpoints import RunLayout
+
     params_file, names = _two_sets(params, partition, work)
     run_measured([TRANSDNN, "train", partition, "--params", str(params_file)], env)
-    return json.loads((work / "train" / Path(names[1]).stem / "train.json").read_text())
+    return json.loads(RunLayout.for_training_file(work, Path(names[1])).train_info.read_text())
 
 
-def embed_second_set(params: dict, partition: str, root: Path, work: Path, env: dict) -> dict:
-    """embed.json of the second data set of a two-set `transdnn embed` (the trained one under a second
-    name): what each further data set costs the embed stage."""
+def embed_second_set(params: dict, partition: str, trained: Path, work: Path, env: dict) -> dict:
+    """embed.json of the second data set of a two-set `transdnn embed` over the `trained` folder under two
+    names: what each further data set costs the embed stage."""
+    from transdnn.checkpoints import RunLayout
+
     params_file, names = _two_sets(params, partition, work)
-    for name in names:
-        shutil.copytree(root / "train" / "Integrated_dataset_0", work / "train" / Path(name).stem)
+    layouts = [RunLayout.for_training_file(work, Path(name)) for name in names]
+    for layout in layouts:
+        shutil.copytree(trained, layout.train_root)
     run_measured([TRANSDNN, "embed", partition, "--params", str(params_file)], env)
-    return json.loads((work / "embed" / Path(names[1]).stem / "embed.json").read_text())
+    return json.loads(layouts[1].embed_info.read_text())
 
 
 def bench_ideal(case: Case, genes: int, epochs: int, steps: int, precision: str) -> Measure:

@@ -282,7 +282,7 @@ def bench_transdnn(case: Case, work: Path, precision: str, train_marginal: bool 
         metrics["homology_rank_mean"],
         int(summary.epochs_run.sum()),  # a replicate that stopped early is no longer computed
         {
-            "checkpoint_bytes": dir_bytes(layout.model_meta.parent),  # the checkpoints folder
+            "checkpoint_bytes": dir_bytes(layout.checkpoints_dir),
             "mlflow_bytes": mlflow_bytes,
             "train_data_set_s": further["data_set_seconds"],
             "train_first_data_set_s": info["data_set_seconds"],

@@ -39,12 +39,16 @@ class RunLayout:
     def train_root(self) -> Path:
         return self.out / "train" / self.dataset
 
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.train_root / "checkpoints"
+
     def checkpoint(self, kind: str) -> Path:
-        return self.train_root / "checkpoints" / f"{kind}.pt"
+        return self.checkpoints_dir / f"{kind}.pt"
 
     @property
     def model_meta(self) -> Path:
-        return self.train_root / "checkpoints" / "model.json"
+        return self.checkpoints_dir / "model.json"
 
     @property
     def summary(self) -> Path:

@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 from torch import nn
 
@@ -28,6 +29,25 @@ def test_stacked_forward_equals_independent_models():
         ref = _reference(net, r)
         assert torch.allclose(logits[r], ref(x[r]), atol=1e-6)
         assert torch.allclose(emb[r], ref[:6](x[r]), atol=1e-6)
+
+
+@pytest.mark.parametrize("inputs_need_grad", [False, True])
+def test_stacked_gradients_equal_independent_models(inputs_need_grad: bool):
+    net = StackedMLP(3, 40, [6, 6, 6], 4, dropout=0.0, dropout_mode="unit")
+    net.reset_parameters(seeds_for(0, 3))
+    x = torch.randn(3, 9, 40, requires_grad=inputs_need_grad)
+    logits, _ = net(x)
+    logits.square().sum().backward()
+    for r in range(3):
+        ref = _reference(net, r)
+        xr = x[r].detach().clone().requires_grad_(inputs_need_grad)
+        ref(xr).square().sum().backward()
+        linears = [m for m in ref if isinstance(m, nn.Linear)]
+        for w, b, lin in zip(net.weights, net.biases, linears, strict=True):
+            assert torch.allclose(w.grad[r], lin.weight.grad.T, atol=1e-5)
+            assert torch.allclose(b.grad[r, 0], lin.bias.grad, atol=1e-5)
+        if inputs_need_grad:
+            assert torch.allclose(x.grad[r], xr.grad, atol=1e-5)
 
 
 def test_init_is_seeded_per_replicate():

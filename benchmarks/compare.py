@@ -155,7 +155,7 @@ def synth(case: Case) -> None:
 
     base = load_settings(REPO / "params.yaml").synth
     case.data = CACHE / "data" / f"{case.partition}-{case.samples}x{case.cells}"
-    if not (case.data / case.partition / "integrated" / "Integrated_dataset_0.h5ad").exists():
+    if not paths(case).train(0).exists():
         cfg = base.model_copy(
             update={
                 "out": case.data,
@@ -262,7 +262,7 @@ def bench_transdnn(case: Case, work: Path, precision: str, train_marginal: bool 
     wall_t, peak_t, _ = run_measured([TRANSDNN, "train", case.partition, "--params", str(params_file)], env)
     wall_e, peak_e, _ = run_measured([TRANSDNN, "embed", case.partition, "--params", str(params_file)], env)
     root = work / f"transdnn-{precision}"
-    layout = RunLayout(root, "Integrated_dataset_0")
+    layout = RunLayout.for_training_file(root, p.train(0))
     summary = pd.read_csv(layout.summary)
     info = json.loads(layout.train_info.read_text())
     seconds = info["seconds"]
@@ -306,7 +306,8 @@ def _two_sets(params: dict, partition: str, work: Path) -> tuple[Path, list[str]
     name), out in `work`; and the two names."""
     part = params[partition]
     (work / "sets").mkdir(parents=True)
-    names = ["Integrated_dataset_0.h5ad", "Integrated_dataset_0_again.h5ad"]
+    first = part["data"]["train"][0]
+    names = [first, f"{Path(first).stem}_again.h5ad"]
     for name in names:
         (work / "sets" / name).symlink_to(Path(part["data"]["train_dir"]) / names[0])
     part = {**part, "data": {**part["data"], "train_dir": str(work / "sets"), "train": names}, "out": str(work)}

@@ -12,6 +12,28 @@
 set -euo pipefail
 : "${TRANSDNN_BACKEND_URI:?set TRANSDNN_BACKEND_URI}" "${TRANSDNN_AUTH_DB_URI:?set TRANSDNN_AUTH_DB_URI}"
 : "${TRANSDNN_ARTIFACTS:?set TRANSDNN_ARTIFACTS}" "${MLFLOW_FLASK_SERVER_SECRET_KEY:?set MLFLOW_FLASK_SERVER_SECRET_KEY}"
+# Before anything starts: each store URI must parse and its database driver must import (psycopg 3 for
+# postgresql://, from pip install -e ".[server]"); one line naming the variable otherwise, never the URI.
+for var in TRANSDNN_BACKEND_URI TRANSDNN_AUTH_DB_URI; do
+  python - "$var" "${!var}" <<'PY' || exit 2
+import sys
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+var, uri = sys.argv[1:]
+try:
+    url = make_url(uri)
+except (ArgumentError, ValueError):
+    sys.exit(f"deploy/mlflow_server.sh: {var}: expected a database URI such as postgresql://USER@HOST:PORT/DB")
+try:
+    url.get_dialect().import_dbapi()
+except NoSuchModuleError:
+    sys.exit(f"deploy/mlflow_server.sh: {var}: unknown database kind {url.drivername!r}; expected postgresql://")
+except ImportError as exc:
+    sys.exit(f"deploy/mlflow_server.sh: {var}: the {url.drivername} driver is not installed ({exc.name}); pip install -e '.[server]'")
+PY
+done
 host="${TRANSDNN_HOST:-127.0.0.1}"
 port="${TRANSDNN_PORT:-5000}"
 ini="$(mktemp --suffix=.ini)"

@@ -15,7 +15,7 @@ set -euo pipefail
 # Before anything starts: each store URI must parse and its database driver must import (psycopg 3 for
 # postgresql://, from pip install -e ".[server]"); one line naming the variable otherwise, never the URI.
 for var in TRANSDNN_BACKEND_URI TRANSDNN_AUTH_DB_URI; do
-  python - "$var" "${!var}" <<'PY' || exit 2
+  python3 - "$var" "${!var}" <<'PY' || exit 2
 import sys
 
 from sqlalchemy.engine import make_url

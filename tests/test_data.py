@@ -155,6 +155,35 @@ CASES: dict[str, tuple[Callable[[TinyData], Path], str]] = {
         lambda d: (d.human.write_bytes(d.mouse.read_bytes()), d.homology)[1],
         "expected the human transform set",
     ),
+    "transform set without labelled rows": (
+        lambda d: (
+            _rewrite(d.human, lambda o, X: (o.assign(region_index="other_" + o.index.astype(str)), X, _genes(d))),
+            d.human,
+        )[1],
+        "no labelled rows",
+    ),
+    "homolog absent from training": (
+        lambda d: (
+            _rewrite(d.train, lambda o, X: (o.assign(region_index=o.region_index.str.replace("hA_", "other_")), X, _genes(d))),
+            d.homology,
+        )[1],
+        "human_region 'hA' absent from the regions of",
+    ),
+    "gene list missing": (lambda d: (d.genes.unlink(), d.genes)[1], "file not found (expected a CSV file)"),
+    "gene list empty file": (lambda d: (d.genes.write_text(""), d.genes)[1], "not a readable CSV"),
+    "gene list without its column": (lambda d: (d.genes.write_text("symbol\ngene0\n"), d.genes)[1], "column 'genes' missing"),
+    "homology without its columns": (
+        lambda d: (d.homology.write_text("human,mouse\nhA,mA\n"), d.homology)[1],
+        "['human_region', 'mouse_region'] missing",
+    ),
+    "homology without pairs": (
+        lambda d: (d.homology.write_text("human_region,mouse_region\n"), d.homology)[1],
+        "no homologous pairs",
+    ),
+    "homology with an empty cell": (
+        lambda d: (d.homology.write_text("human_region,mouse_region\nhA,mA\nhB,\n"), d.homology)[1],
+        "empty cells",
+    ),
 }
 
 

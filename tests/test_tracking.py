@@ -10,12 +10,15 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from conftest import TinyData
 from transdnn.cli import app
 from transdnn.data import load_partition_inputs
+from transdnn.registry import candidates
 
 runner = CliRunner()
 
@@ -105,18 +108,41 @@ def test_promote_champion_loads_and_reproduces_run_embeddings(params: Path, trac
     assert np.allclose(via_registry.to_numpy(), expected.to_numpy(), atol=1e-5)
 
 
-def test_second_training_moves_champion_and_keeps_previous(params: Path, tracking_uri: str):
-    _train_embed(params, "--seed", "1")
-    _ok(["promote", "cortex", "--params", str(params)])
-    first = MlflowClient(tracking_uri).get_model_version_by_alias("transdnn-cortex", "champion").version
-    _train_embed(params, "--seed", "2", "--max-epochs", "1")
-    out = _ok(["promote", "cortex", "--params", str(params), "--require-better"])
+@pytest.mark.parametrize("criterion", ["homology_rank", "valid_loss"])
+def test_require_better_keeps_the_better_champion(criterion: str, params: Path, tracking_uri: str):
+    """Of two trainings, --require-better moves `champion` from the worse one's best replicate (by
+    `promote.criterion`) to the better one's and refuses the way back; a plain promote takes it,
+    keeping the one it replaced as `previous`."""
+    settings = yaml.safe_load(params.read_text())
+    settings["promote"]["criterion"] = criterion
+    params.write_text(yaml.safe_dump(settings))
+    runs = [_train_embed(params, "--seed", seed) for seed in ("1", "2")]
     client = MlflowClient(tracking_uri)
-    if "does not beat" in out:
-        assert client.get_model_version_by_alias("transdnn-cortex", "champion").version == first
-    _ok(["promote", "cortex", "--params", str(params)])
-    assert client.get_model_version_by_alias("transdnn-cortex", "champion").version != first
-    assert client.get_model_version_by_alias("transdnn-cortex", "previous").version == first
+    best = {run: min(candidates(client, [run]), key=lambda c: c.key(criterion)) for run in runs}
+    better, worse = sorted(runs, key=lambda run: best[run].key(criterion))
+
+    def champion() -> ModelVersion:
+        return client.get_model_version_by_alias("transdnn-cortex", "champion")
+
+    _ok(["promote", "cortex", "--params", str(params), "--run-id", worse])
+    assert champion().tags["replicate"] == str(best[worse].replicate)
+    out = _ok(["promote", "cortex", "--params", str(params), "--run-id", better, "--require-better"])
+    assert "promoted" in out
+    first = champion()
+    assert first.tags["source_run_id"] == best[better].run_id
+    out = _ok(["promote", "cortex", "--params", str(params), "--run-id", worse, "--require-better"])
+    assert "kept" in out and "does not beat" in out
+    assert champion().version == first.version
+
+    _ok(["promote", "cortex", "--params", str(params), "--run-id", worse])
+    assert champion().tags["source_run_id"] == best[worse].run_id
+    assert client.get_model_version_by_alias("transdnn-cortex", "previous").version == first.version
+
+
+def test_promote_unknown_run_exits_2(params: Path, tracking_uri: str):
+    result = runner.invoke(app, ["promote", "cortex", "--params", str(params), "--run-id", "0" * 32])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"error: run {'0' * 32}: not found (expected a training run id)"
 
 
 def test_failed_training_ends_runs_failed(params: Path, tracking_uri: str, monkeypatch: pytest.MonkeyPatch):

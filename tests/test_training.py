@@ -12,7 +12,9 @@ import torch
 
 from conftest import TinyData
 from transdnn.atomic import AlternatingFile
+from transdnn.checkpoints import StoredModel
 from transdnn.data import load_partition_inputs, load_training_set
+from transdnn.embed import embed_matrix
 from transdnn.errors import InputError
 from transdnn.settings import load_settings, override
 from transdnn.training import Trainer, load_state, train
@@ -47,6 +49,34 @@ def test_replicates_differ_and_every_validation_row_is_scored(params: Path, tiny
         train_rows = trainer.train_idx[r].numpy()
         assert not set(ts.row_sample[valid_rows]) & set(ts.row_sample[train_rows])
     assert not torch.equal(trainer.model.weights[0][0], trainer.model.weights[0][1])
+
+
+@pytest.mark.parametrize("scaling", ["none", "train"])
+def test_embed_scales_the_transform_sets_as_training_did(scaling: str, params: Path, tiny: TinyData):
+    """The per-epoch homology rank (Trainer) and `transdnn embed` (a StoredModel) must feed the region
+    means through the same `transform_scaling`, or the chosen checkpoints rank one thing and embed another."""
+    part, inputs, ts = _setup(params, tiny, transform_scaling=scaling)
+    trainer = Trainer(ts, inputs, part, torch.device("cpu"))
+    for _ in range(2):
+        trainer.step_epoch()
+    meta = {
+        "genes": ts.genes,
+        "regions": ts.regions,
+        "hidden_units": part.model.hidden_units,
+        "dropout": part.model.dropout,
+        "dropout_mode": part.model.dropout_mode,
+    }
+    weights = dict(trainer.last_weights())
+    epochs = torch.full((part.train.replicates,), 1)
+    regions = np.concatenate([inputs.human.means, inputs.mouse.means])
+
+    def embedded(how: str) -> np.ndarray:
+        stored = StoredModel({**meta, "transform_scaling": how}, weights, trainer.mean, trainer.std, epochs)
+        return embed_matrix(stored, regions, torch.device("cpu"))
+
+    expected = trainer.embeddings().numpy()
+    assert np.allclose(embedded(scaling), expected, atol=1e-5)
+    assert not np.allclose(embedded("none" if scaling == "train" else "train"), expected, atol=1e-3)
 
 
 def test_early_stopping_fires_after_patience_without_improvement(params: Path, tiny: TinyData):

@@ -260,6 +260,41 @@ def test_checkpoint_never_written_exits_2(tmp_path: Path, params: Path):
     assert code == 2 and "best_rank" in err and "never written" in err
 
 
+def _drop_scaler(ckpt: Path) -> Path:
+    import torch
+
+    tensors = torch.load(ckpt, weights_only=True)
+    del tensors["scaler_mean"]
+    torch.save(tensors, ckpt)
+    return ckpt
+
+
+def _bare_tensor(ckpt: Path) -> Path:
+    import torch
+
+    torch.save(torch.zeros(3), ckpt)
+    return ckpt
+
+
+DAMAGED_CHECKPOINTS: dict[str, tuple[Callable[[Path], Path], str]] = {
+    "truncated": (lambda c: (c.write_bytes(c.read_bytes()[:200]), c)[1], "refused to load checkpoint"),
+    "a bare tensor": (_bare_tensor, "is not a dict of tensors"),
+    "without its scaler": (_drop_scaler, "lacks 'scaler_mean'"),
+    "without its model description": (lambda c: ((c.parent / "model.json").unlink(), c.parent / "model.json")[1], "missing"),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGED_CHECKPOINTS))
+def test_damaged_checkpoint_exits_2_with_one_line(case: str, tmp_path: Path, params: Path):
+    assert runner.invoke(app, ["train", "cortex", "--params", str(params), "--no-track", "--max-epochs", "1"]).exit_code == 0
+    damage, expected = DAMAGED_CHECKPOINTS[case]
+    named = damage(tmp_path / "runs" / "cortex" / "train" / "Integrated_dataset_0" / "checkpoints" / "best_valid.pt")
+    code, err = _run_bad(tmp_path, ["embed", "cortex", "--params", str(params), "--no-track"])
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and str(named) in lines[0] and expected in lines[0], err
+
+
 def _damaged_state(params: Path, write) -> None:
     from transdnn.checkpoints import RunLayout
     from transdnn.settings import load_settings

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -272,3 +273,27 @@ def test_file_digest_is_dvcs_md5_and_changes_with_the_file(tmp_path: Path):
     st = f.stat()
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
     assert file_digest(f) == hashlib.md5(b"genes\nB\n").hexdigest()
+
+
+def test_embed_of_a_training_the_store_lacks_exits_2(
+    params: Path, tracking_uri: str, store_template: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A store swapped or lost since the training: embed names the run and the store, writes nothing."""
+    _ok(["train", "cortex", "--params", str(params), "--max-epochs", "1"])
+    run_id = json.loads((tmp_path / "runs" / "cortex" / "train" / "Integrated_dataset_0" / "train.json").read_text())["run_id"]
+    other = tmp_path / "other.db"
+    shutil.copy(store_template, other)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{other}")
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", f"sqlite:///{other}")
+    result = runner.invoke(app, ["embed", "cortex", "--params", str(params)])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"error: run {run_id}: not found in sqlite:///{other} (expected a training run id)"
+    assert not (tmp_path / "runs" / "cortex" / "embed").exists()
+
+
+def test_embed_of_an_unknown_registered_model_exits_2(params: Path, tracking_uri: str, tmp_path: Path):
+    result = runner.invoke(app, ["embed", "cortex", "--params", str(params), "--model", "models:/transdnn-cortex@champion"])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: models:/transdnn-cortex@champion: cannot load model (")
+    assert not (tmp_path / "runs" / "cortex" / "registry").exists()

@@ -239,19 +239,21 @@ def embed_partition(
 ) -> dict[str, dict[str, Any]]:
     """Embed the transform sets with each training set's chosen checkpoint; write CSVs and metrics.json."""
     inputs = load_inputs(part.data)
+    layouts = [RunLayout.for_training_file(part.out, path) for path in part.data.train_paths]
+    # Every training's run is looked up before anything is written: a store that lacks one (swapped or
+    # lost since the training) stops the job with no embedding of any data set half-recorded.
+    runs = [_training_run(tracker, layout) for layout in layouts]
     all_metrics = {}
-    for path in part.data.train_paths:
+    for layout, run in zip(layouts, runs, strict=True):
         started = time.perf_counter()
-        layout = RunLayout.for_training_file(part.out, path)
         stored = load_model(layout, checkpoint)
         emb = embed_inputs(stored, inputs, device)
         summary = pd.read_csv(layout.summary) if layout.summary.is_file() else None
         metrics = embed_metrics(emb, checkpoint, summary)
         write_embeddings(emb, layout, metrics)
         tracking = time.perf_counter()
-        run_id = json.loads(layout.train_info.read_text()).get("run_id") if layout.train_info.is_file() else None
-        if tracker is not None and run_id:
-            _track_embedding(tracker.reopen(run_id), layout, emb, inputs, metrics)
+        if run is not None:
+            _track_embedding(run, layout, emb, inputs, metrics)
         finished = time.perf_counter()
         # what each further data set of a multi-set job costs this stage (the inputs are loaded once per
         # job), measured in the process: differences between processes drown it in start-up noise on a GPU
@@ -259,6 +261,12 @@ def embed_partition(
         all_metrics[layout.dataset] = metrics
     write_json(RunLayout(part.out, "").partition_metrics, all_metrics)
     return all_metrics
+
+
+def _training_run(tracker: Any | None, layout: RunLayout) -> Any | None:
+    """The MLflow run a tracked training recorded in its train.json; None untracked."""
+    run_id = json.loads(layout.train_info.read_text()).get("run_id") if layout.train_info.is_file() else None
+    return tracker.reopen(run_id) if tracker is not None and run_id else None
 
 
 def _track_embedding(run: Any, layout: RunLayout, emb: Any, inputs: PartitionInputs, metrics: dict[str, Any]) -> None:

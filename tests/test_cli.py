@@ -121,6 +121,21 @@ def test_independent_test_writes_predictions_and_confusion(params: Path, tmp_pat
     assert report["accuracy_mean"] > 0.9
 
 
+def test_independent_test_refuses_a_wrong_test_set_before_training(params: Path, tmp_path: Path):
+    import anndata as ad
+
+    held_out = make_tiny(tmp_path / "heldout", seed=1, other=0)
+    a = ad.read_h5ad(held_out.train)
+    a.obs["region_index"] = a.obs["region_index"].str.replace("hA_", "hZ_")
+    a.write_h5ad(held_out.train)
+    for test_file, expected in ((held_out.train, "['hZ'] were not trained on"), (tmp_path / "nope.h5ad", "file not found")):
+        result = runner.invoke(app, ["test", "subcortex", "--params", str(params), "--test", str(test_file)])
+        assert result.exit_code == 2
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and str(test_file) in lines[0] and expected in lines[0], result.stderr
+        assert not (tmp_path / "runs" / "subcortex" / "independent_test").exists(), "refused before any training"
+
+
 def test_synth_is_deterministic_by_seed(tmp_path: Path, params: Path):
     import anndata as ad
 

@@ -29,15 +29,20 @@ def confusion_matrix(gt: np.ndarray, pred: np.ndarray, n: int) -> np.ndarray:
     return np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
 
 
-@torch.no_grad()
-def independent_test(model: StoredModel, test: TrainingSet, device: torch.device, chunk: int = 4096) -> TestReport:
-    """Classify every test row with each replicate (through its training scaler)."""
-    regions = model.meta["regions"]
+def check_test_regions(test: TrainingSet, regions: list[str]) -> None:
+    """Every test label must be a trained region, or its rows cannot be scored."""
     unknown = sorted(set(test.regions) - set(regions))
     if unknown:
         raise InputError(
             f"{test.path}: obs['region_index'] regions {unknown[:3]} were not trained on (expected the training regions)"
         )
+
+
+@torch.no_grad()
+def independent_test(model: StoredModel, test: TrainingSet, device: torch.device, chunk: int = 4096) -> TestReport:
+    """Classify every test row with each replicate (through its training scaler)."""
+    regions = model.meta["regions"]
+    check_test_regions(test, regions)
     code = {r: i for i, r in enumerate(regions)}
     gt = np.array([code[test.regions[label]] for label in test.labels])
     net = model.module(device)

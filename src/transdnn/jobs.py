@@ -9,6 +9,7 @@ import hashlib
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +21,16 @@ import torch
 
 from transdnn.atomic import write_csv, write_json
 from transdnn.checkpoints import RunLayout, StoredModel, load_model, save_model
-from transdnn.data import PartitionInputs, check_training_regions, load_partition_inputs, load_training_set, read_gene_list
+from transdnn.data import (
+    PartitionInputs,
+    TrainingSet,
+    check_training_regions,
+    load_partition_inputs,
+    load_training_set,
+    read_gene_list,
+)
 from transdnn.embed import embed_inputs, embed_metrics, write_embeddings
-from transdnn.evaluate import independent_test
+from transdnn.evaluate import check_test_regions, independent_test
 from transdnn.lineage import RunSpec
 from transdnn.model import seeds_for
 from transdnn.settings import DataPaths, PartitionSettings
@@ -123,12 +131,13 @@ def train_partition(
     progress: TrainingSink | None = None,
     stage: str | None = None,
     resume: bool = False,
+    check: Callable[[TrainingSet], None] | None = None,
 ) -> list[TrainOutcome]:
     """Train every training set of a partition; write checkpoints, history and train.json for each.
 
     `resume=True` continues a killed training from its per-epoch state (same MLflow runs) and skips the
     data sets that finished before from the same settings and files: a killed 100-set job redoes at most
-    the data set it was in."""
+    the data set it was in. `check` vets each training set once it is loaded, before anything is written."""
     inputs = load_inputs(part.data)
     outcomes = []
     for path in part.data.train_paths:
@@ -140,6 +149,8 @@ def train_partition(
         train_set = load_training_set(path, inputs.genes)
         check_training_regions(train_set, inputs.homology)
         check_shapes(train_set, part)  # before anything is written
+        if check is not None:
+            check(train_set)
         made_from = _made_from(part, path)
         spec = RunSpec(
             partition=partition,
@@ -303,8 +314,12 @@ def test_partition(
 ) -> dict[str, Any]:
     """Independent test: train on the partition's training set(s), report on a held-out labelled set."""
     part = part.model_copy(update={"out": Path(part.out) / "independent_test"})
-    outcomes = train_partition("independent", part, device, progress=progress)
-    test_set = load_training_set(test_file, read_gene_list(part.data.genes))  # only the genes: no transform sets again
+    # The test set is read, and its regions held against each training set's, before that set trains:
+    # a wrong test file costs seconds, not a training.
+    test_set = load_training_set(test_file, read_gene_list(part.data.genes))
+    outcomes = train_partition(
+        "independent", part, device, progress=progress, check=lambda ts: check_test_regions(test_set, ts.regions)
+    )
     report: dict[str, Any] = {}
     for outcome in outcomes:
         result = independent_test(load_model(outcome.layout, part.embed.checkpoint), test_set, device)

@@ -228,8 +228,9 @@ def test_bad_input_exits_2_with_one_line(case: str, tmp_path: Path, tiny: TinyDa
         (lambda p: p["cortex"]["train"].update(max_epochs="many"), "cortex.train.max_epochs"),
         (lambda p: p["cortex"]["train"].update(replicates=-3), "cortex.train.replicates"),
         (lambda p: p.update(extra_section={}), "extra_section"),
+        (lambda p: p["cortex"]["model"].update(hidden_units=[32, 0, 32]), "cortex.model.hidden_units"),
     ],
-    ids=["unknown key", "wrong type", "negative value", "unknown section"],
+    ids=["unknown key", "wrong type", "negative value", "unknown section", "zero-width layer"],
 )
 def test_bad_params_exit_2(edit, expected: str, tmp_path: Path, params: Path):
     raw = yaml.safe_load(params.read_text())
@@ -330,6 +331,20 @@ def test_output_sizes_are_checked_against_params(tmp_path: Path, params: Path):
 def test_params_file_missing_exits_2(tmp_path: Path):
     code, err = _run_bad(tmp_path, ["train", "cortex", "--params", str(tmp_path / "nope.yaml")])
     assert code == 2 and "nope.yaml" in err
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("cortex: [unclosed\n", "not valid YAML"), ("- just\n- a list\n", "expected a mapping of sections")],
+    ids=["broken YAML", "not a mapping"],
+)
+def test_unreadable_params_exit_2(text: str, expected: str, tmp_path: Path):
+    params = tmp_path / "params.yaml"
+    params.write_text(text)
+    code, err = _run_bad(tmp_path, ["train", "cortex", "--params", str(params)])
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and str(params) in lines[0] and expected in lines[0], err
 
 
 def test_valid_inputs_pass_validate(params: Path, tiny: TinyData):

@@ -14,7 +14,7 @@ from conftest import REPO
 GOOD = "postgresql://mlflow@127.0.0.1:1/mlflow"
 
 
-def _start(tmp_path: Path, backend: str, auth: str = GOOD) -> subprocess.CompletedProcess[str]:
+def _start(tmp_path: Path, backend: str, auth: str) -> subprocess.CompletedProcess[str]:
     env = {
         "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin",
         "TRANSDNN_BACKEND_URI": backend,

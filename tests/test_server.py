@@ -136,6 +136,17 @@ def test_server_rejects_requests_without_credentials(server: dict[str, str]):
     assert err.value.code == 401
 
 
+def test_wrong_password_is_one_line_and_exit_2(server: dict[str, str], tmp_path: Path):
+    tiny: TinyData = make_tiny(tmp_path / "data")
+    params = tiny_params(tmp_path / "params.yaml", tiny, tmp_path / "runs")
+    proc = _cli(["train", "cortex", "--params", str(params)], {**server, "MLFLOW_TRACKING_PASSWORD": "wrong"}, tmp_path)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and server["MLFLOW_TRACKING_URI"] in lines[0] and "401" in lines[0], err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_train_promote_show_load_embed_against_the_server(server: dict[str, str], tmp_path: Path):
     tiny: TinyData = make_tiny(tmp_path / "data")
     params = tiny_params(tmp_path / "params.yaml", tiny, tmp_path / "runs")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import warnings
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from conftest import TinyData
 from transdnn.cli import app
 from transdnn.data import load_partition_inputs
 from transdnn.registry import candidates
+from transdnn.tracking import shown
 
 runner = CliRunner()
 
@@ -297,3 +299,23 @@ def test_embed_of_an_unknown_registered_model_exits_2(params: Path, tracking_uri
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: models:/transdnn-cortex@champion: cannot load model (")
     assert not (tmp_path / "runs" / "cortex" / "registry").exists()
+
+
+def test_no_server_at_the_tracking_uri_exits_2(params: Path, tracking_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """MLflow alone retries a refused connection for minutes, then prints a traceback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        uri = f"http://127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    result = runner.invoke(app, ["train", "cortex", "--params", str(params)])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        f"error: {uri}: no MLflow server answers ([Errno 111] Connection refused); expected one at tracking.uri or MLFLOW_TRACKING_URI"
+    )
+    assert not (tmp_path / "runs").exists()
+
+
+def test_messages_mask_a_password_in_the_store_uri():
+    assert shown("postgresql://mlflow:s3cret@db:5432/mlflow") == "postgresql://mlflow:***@db:5432/mlflow"
+    assert shown("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    assert shown("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"

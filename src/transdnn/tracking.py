@@ -10,8 +10,12 @@ import fcntl
 import functools
 import hashlib
 import os
+import ssl
 import subprocess
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -66,6 +70,36 @@ def configure(settings: TrackingSettings, project: Path) -> str:
     # MLflow draws two "Downloading artifacts" bars per logged model (10 per training) on stderr.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     return uri
+
+
+def shown(uri: str) -> str:
+    """A store URI fit for a message: a password in it is masked."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is None:
+        return uri
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))
+
+
+def _check_answers(uri: str, timeout: float = 10.0) -> None:
+    """Fail in seconds when nothing answers at an http(s) store: MLflow retries a refused connection for
+    ~4.5 minutes before it gives up. Any HTTP answer counts (401 and 404 included), and so does a TLS
+    error, which MLflow's own certificate settings may resolve: those are MLflow's to report."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return
+    except urllib.error.URLError as exc:
+        if isinstance(exc.reason, ssl.SSLError):
+            return
+        raise TrackingError(
+            f"{shown(uri)}: no MLflow server answers ({exc.reason}); expected one at tracking.uri or MLFLOW_TRACKING_URI"
+        ) from None
+    except OSError as exc:  # a timeout while reading the answer
+        raise TrackingError(
+            f"{shown(uri)}: no MLflow server answers ({exc}); expected one at tracking.uri or MLFLOW_TRACKING_URI"
+        ) from None
 
 
 def retry(call: Callable[[], T], attempts: int = 8, delay: float = 0.2) -> T:
@@ -309,9 +343,18 @@ class Tracker:
     """Opens and reopens runs in one experiment of the configured store."""
 
     def __init__(self, experiment: str, project: Path) -> None:
-        with _store_lock():  # creating the client may create and migrate a fresh store
-            self.client = MlflowClient()
-            self.experiment_id = ensure_experiment(self.client, experiment, project)
+        uri = mlflow.get_tracking_uri()
+        _check_answers(uri)
+        try:
+            with _store_lock():  # creating the client may create and migrate a fresh store
+                self.client = MlflowClient()
+                self.experiment_id = ensure_experiment(self.client, experiment, project)
+        except MlflowException as exc:
+            reason = str(exc).splitlines()[0][:200]
+            raise TrackingError(
+                f"{shown(uri)}: the store refused the experiment {experiment!r} ({reason}); expected a store this user may "
+                "write to at tracking.uri or MLFLOW_TRACKING_URI"
+            ) from None
         self.project = project
 
     @contextmanager
@@ -389,7 +432,9 @@ class Tracker:
         try:
             parent = self.client.get_run(run_id)
         except MlflowException:
-            raise TrackingError(f"run {run_id}: not found in {mlflow.get_tracking_uri()} (expected a training run id)") from None
+            raise TrackingError(
+                f"run {run_id}: not found in {shown(mlflow.get_tracking_uri())} (expected a training run id)"
+            ) from None
         kids = self.client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'", max_results=1000)
         kids = sorted(kids, key=lambda k: int(k.data.tags["replicate"]))
         return TrainingRun(self.client, run_id, [k.info.run_id for k in kids])

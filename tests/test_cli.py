@@ -136,6 +136,31 @@ def test_independent_test_refuses_a_wrong_test_set_before_training(params: Path,
         assert not (tmp_path / "runs" / "subcortex" / "independent_test").exists(), "refused before any training"
 
 
+def test_embed_matches_genes_to_the_model_by_name(params: Path, tiny: TinyData, tmp_path: Path):
+    """A gene list reordered since the training embeds as before; one that lost a trained gene is
+    refused: neither is fed to the wrong weights."""
+    assert runner.invoke(app, ["train", "cortex", "--params", str(params), "--no-track", "--max-epochs", "2"]).exit_code == 0
+    human = tmp_path / "runs" / "cortex" / "embed" / "Integrated_dataset_0" / "replicate_0" / "human_embedding.csv"
+
+    def embedded() -> pd.DataFrame:
+        result = runner.invoke(app, ["embed", "cortex", "--params", str(params), "--no-track"])
+        assert result.exit_code == 0, result.stderr
+        return pd.read_csv(human, index_col=0)
+
+    before = embedded()
+    genes = pd.read_csv(tiny.genes)["genes"].tolist()
+    pd.DataFrame({"genes": genes[::-1]}).to_csv(tiny.genes, index=False)
+    pd.testing.assert_frame_equal(embedded(), before, atol=1e-6)
+
+    pd.DataFrame({"genes": genes[1:]}).to_csv(tiny.genes, index=False)
+    result = runner.invoke(app, ["embed", "cortex", "--params", str(params), "--no-track"])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        f"error: {tiny.genes}: column 'genes' lacks 1 of the 40 genes the model was trained on: {genes[0]!r} "
+        "(expected the training's gene list)"
+    )
+
+
 def test_synth_is_deterministic_by_seed(tmp_path: Path, params: Path):
     import anndata as ad
 

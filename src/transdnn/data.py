@@ -83,6 +83,19 @@ def read_gene_list(path: Path) -> GeneList:
     return GeneList(path, genes)
 
 
+def gene_columns(trained: list[str], genes: GeneList) -> np.ndarray:
+    """Where each gene a model was trained on sits in `genes`: inputs are matched to a model by gene
+    name, so a gene list edited since the training (reordered, grown) still feeds each weight its gene."""
+    where = {g: i for i, g in enumerate(genes.genes)}
+    missing = [g for g in trained if g not in where]
+    if missing:
+        raise InputError(
+            f"{genes.path}: column 'genes' lacks {len(missing)} of the {len(trained)} genes the model was trained on: "
+            f"{_examples(missing)} (expected the training's gene list)"
+        )
+    return np.array([where[g] for g in trained], dtype=np.int64)
+
+
 def read_homology(path: Path) -> Homology:
     frame = _read_csv(path)
     missing = [c for c in ("human_region", "mouse_region") if c not in frame.columns]

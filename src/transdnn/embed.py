@@ -12,7 +12,7 @@ import torch
 
 from transdnn.atomic import write_csv, write_json
 from transdnn.checkpoints import RunLayout, StoredModel
-from transdnn.data import PartitionInputs
+from transdnn.data import PartitionInputs, gene_columns
 from transdnn.homology import homology_rank, pair_indices, pearson, raw_rank
 
 
@@ -39,7 +39,11 @@ def embed_matrix(model: StoredModel, x: np.ndarray, device: torch.device) -> np.
 
 def embed_inputs(model: StoredModel, inputs: PartitionInputs, device: torch.device) -> Embeddings:
     n_h = len(inputs.human.regions)
-    emb = embed_matrix(model, np.concatenate([inputs.human.means, inputs.mouse.means]), device)
+    regions = np.concatenate([inputs.human.means, inputs.mouse.means])
+    cols = gene_columns(model.meta["genes"], inputs.genes)
+    if not np.array_equal(cols, np.arange(regions.shape[1])):
+        regions = regions[:, cols]
+    emb = embed_matrix(model, regions, device)
     h_idx, m_idx = pair_indices(inputs.human.regions, inputs.mouse.regions, inputs.homology.human, inputs.homology.mouse)
     human, mouse = torch.from_numpy(emb[:, :n_h]).double(), torch.from_numpy(emb[:, n_h:]).double()
     corr = pearson(human, mouse)

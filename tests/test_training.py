@@ -13,7 +13,7 @@ import torch
 from conftest import TinyData
 from transdnn.atomic import AlternatingFile
 from transdnn.checkpoints import StoredModel
-from transdnn.data import load_partition_inputs, load_training_set
+from transdnn.data import GeneList, load_partition_inputs, load_training_set
 from transdnn.embed import embed_matrix
 from transdnn.errors import InputError
 from transdnn.settings import load_settings, override
@@ -260,6 +260,23 @@ def test_resume_state_without_the_live_set_is_refused(params: Path, tiny: TinyDa
     del old["live"]
     torch.save(old, tmp_path / "old.pt")
     with pytest.raises(InputError, match="lacks 'live'"):
+        load_state(tmp_path / "old.pt", ts, part)
+
+
+def test_resume_state_of_another_gene_order_is_refused(params: Path, tiny: TinyData, tmp_path: Path):
+    """Same shapes, genes in another order: continuing would feed each input weight another gene."""
+    part, inputs, ts = _setup(params, tiny, max_epochs=3)
+    state = AlternatingFile(tmp_path / "s.pt")
+    with pytest.raises(KeyboardInterrupt):
+        train(ts, inputs, part, torch.device("cpu"), _InterruptAt(0), state)
+    load_state(state.current(), ts, part)  # the training that wrote it resumes
+    reordered = load_training_set(tiny.train, GeneList(tiny.genes, ts.genes[::-1]))
+    with pytest.raises(InputError, match="another gene list or gene order"):
+        load_state(state.current(), reordered, part)
+    old = torch.load(state.current(), weights_only=True)
+    del old["genes"]
+    torch.save(old, tmp_path / "old.pt")
+    with pytest.raises(InputError, match="lacks its gene list"):
         load_state(tmp_path / "old.pt", ts, part)
 
 

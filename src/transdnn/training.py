@@ -422,6 +422,7 @@ class Trainer:
         )
         return {
             "epoch": self.epoch,
+            "genes": list(self.train_set.genes),  # the input columns' order, which the weights depend on
             "model": {n: p.cpu() for n, p in self.last_weights().items()},
             "live": self.live.cpu(),
             "optimizer": self.optimizer.state_dict(),
@@ -606,6 +607,16 @@ def load_state(path: Path, train_set: TrainingSet, settings: PartitionSettings) 
         raise InputError(
             f"{path}: resume state lacks 'live' (written by an older transdnn, which kept stopped replicates in the model); "
             "expected one written by this version: train afresh without --resume"
+        )
+    if "genes" not in state:
+        raise InputError(
+            f"{path}: resume state lacks its gene list (written by an older transdnn); expected one written by this "
+            "version: train afresh without --resume"
+        )
+    if state["genes"] != train_set.genes:
+        raise InputError(
+            f"{path}: resume state was trained on another gene list or gene order than {settings.data.genes} gives "
+            "(expected the gene list it was written with; resume only the training that wrote it)"
         )
     kept = set(state.get("snapshots", {}))
     needed = set(_snapshot_kinds(settings))

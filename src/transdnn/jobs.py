@@ -274,9 +274,14 @@ def embed_partition(
     return all_metrics
 
 
+def _recorded_run_id(layout: RunLayout) -> str | None:
+    """The MLflow run id a training recorded in its train.json; None if untracked or not trained."""
+    return json.loads(layout.train_info.read_text()).get("run_id") if layout.train_info.is_file() else None
+
+
 def _training_run(tracker: Any | None, layout: RunLayout) -> Any | None:
-    """The MLflow run a tracked training recorded in its train.json; None untracked."""
-    run_id = json.loads(layout.train_info.read_text()).get("run_id") if layout.train_info.is_file() else None
+    """The MLflow run a tracked training recorded, reopened; None untracked."""
+    run_id = _recorded_run_id(layout)
     return tracker.reopen(run_id) if tracker is not None and run_id else None
 
 
@@ -339,8 +344,7 @@ def trained_run_ids(part: PartitionSettings) -> list[str]:
     """MLflow run ids recorded by the last `transdnn train` of this partition's outputs (train.json)."""
     ids = []
     for path in part.data.train_paths:
-        info = RunLayout.for_training_file(part.out, path).train_info
-        if info.is_file() and (run_id := json.loads(info.read_text()).get("run_id")):
+        if run_id := _recorded_run_id(RunLayout.for_training_file(part.out, path)):
             ids.append(run_id)
     return ids
 

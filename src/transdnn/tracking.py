@@ -90,15 +90,12 @@ def _check_answers(uri: str, timeout: float = 10.0) -> None:
         urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
     except urllib.error.HTTPError:
         return
-    except urllib.error.URLError as exc:
-        if isinstance(exc.reason, ssl.SSLError):
+    except OSError as exc:  # URLError (refused, unknown host, TLS) or a timeout while reading the answer
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        if reason is not exc and isinstance(reason, ssl.SSLError):
             return
         raise TrackingError(
-            f"{shown(uri)}: no MLflow server answers ({exc.reason}); expected one at tracking.uri or MLFLOW_TRACKING_URI"
-        ) from None
-    except OSError as exc:  # a timeout while reading the answer
-        raise TrackingError(
-            f"{shown(uri)}: no MLflow server answers ({exc}); expected one at tracking.uri or MLFLOW_TRACKING_URI"
+            f"{shown(uri)}: no MLflow server answers ({reason}); expected one at tracking.uri or MLFLOW_TRACKING_URI"
         ) from None
 
 

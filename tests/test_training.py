@@ -131,14 +131,32 @@ def test_retiring_a_replicate_leaves_the_others_arithmetic_alone(params: Path, t
     assert np.allclose(kept.valid_loss, compact_metrics.valid_loss, rtol=1e-5)
 
 
-def test_cached_validation_inputs_score_like_chunked_ones(params: Path, tiny: TinyData):
-    part, inputs, ts = _setup(params, tiny)
+@pytest.mark.parametrize("scaling", ["none", "train"])
+def test_cached_validation_inputs_score_and_embed_like_separate_passes(scaling: str, params: Path, tiny: TinyData):
+    """The one forward pass over the cached validation rows and the region means gives the chunked
+    validation's scores and the embeddings the homology rank would compute on its own, also after a
+    replicate has left the model."""
+    part, inputs, ts = _setup(params, tiny, transform_scaling=scaling, replicates=3)
     trainer = Trainer(ts, inputs, part, torch.device("cpu"))
-    assert trainer.valid_inputs is not None, "a small validation set is gathered and scaled once"
-    cached = trainer._valid_pass()
-    trainer.valid_inputs = None
-    chunked = trainer._valid_pass()
-    assert torch.equal(cached[0], chunked[0]) and torch.equal(cached[1], chunked[1])
+    trainer.step_epoch()
+    for leaving in (None, torch.tensor([False, True, False])):
+        if leaving is not None:
+            trainer._retire(leaving)
+            trainer.active &= ~leaving
+        assert trainer.scored_inputs is not None, "a small validation set is gathered and scaled once"
+        loss, acc, regions = trainer._valid_pass()
+        cached, trainer.scored_inputs = trainer.scored_inputs, None
+        chunked_loss, chunked_acc, no_regions = trainer._valid_pass()
+        trainer.scored_inputs = cached
+        assert no_regions is None
+        assert torch.allclose(loss, chunked_loss, rtol=1e-6) and torch.equal(acc, chunked_acc)
+        assert regions is not None and regions.shape == (
+            len(trainer.live),
+            len(trainer.region_inputs),
+            part.model.hidden_units[-1],
+        )
+        assert torch.allclose(regions, trainer.embeddings(), rtol=1e-5, atol=1e-6)
+        assert torch.equal(trainer._rank(regions), trainer._rank(None))
 
 
 def test_only_the_checkpoints_asked_for_are_kept(params: Path, tiny: TinyData):

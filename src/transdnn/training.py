@@ -133,14 +133,22 @@ class Trainer:
         self.mean, self.std = fit_scalers(self.X, masks.to(device))
         self.inv_std = 1 / self.std
         self.shift = -self.mean * self.inv_std  # scaling is one fused multiply-add: x * inv_std + shift
+        # The replicates still training, in the model's order: a replicate that stops early leaves the
+        # model (and its optimiser state and inputs), so the epochs after it cost only the others' work.
+        self.live = torch.arange(R, device=device)
         self._buffer: torch.Tensor | None = None
-        # A validation set that fits in one chunk is gathered and scaled once, into the memory its chunk
-        # buffer would take anyway: ~10 % of every validation pass saved.
-        self.valid_inputs = (
-            self._scaled(self.valid_idx, torch.empty(*self.valid_idx.shape, self.X.shape[1], device=device))
-            if self.valid_idx.shape[1] <= VALID_CHUNK
-            else None
-        )
+        self._prepare_homology(inputs)
+        # A validation set that fits in one chunk is gathered and scaled once (~10 % of every validation
+        # pass saved), with the transform sets' region means behind it: one forward pass then scores
+        # validation and embeds the regions for the homology rank, reading the weights once, not twice.
+        self.scored_inputs: torch.Tensor | None = None
+        width = self.valid_idx.shape[1]
+        if width <= VALID_CHUNK:
+            self.scored_inputs = torch.empty(R, width + len(self.region_inputs), n_in, device=device)
+            for r in range(R):  # one replicate's validation rows are a contiguous block
+                rows = torch.index_select(self.X, 0, self.valid_idx[r], out=self.scored_inputs[r, :width])
+                torch.addcmul(self.shift[r], rows, self.inv_std[r], out=rows)
+            self.scored_inputs[:, width:] = self.transform_inputs()
         labels = torch.from_numpy(train.labels)
         Y = labels.repeat(R, 1)
         if self.cfg.shuffle_labels:
@@ -153,15 +161,11 @@ class Trainer:
         self.model = StackedMLP(R, n_in, settings.model.hidden_units, n_out, settings.model.dropout, settings.model.dropout_mode)
         self.model.reset_parameters(self.seeds)
         self.model.to(device)
-        # The replicates still training, in the model's order: a replicate that stops early leaves the
-        # model (and its optimiser state and inputs), so the epochs after it cost only the others' work.
-        self.live = torch.arange(R, device=device)
         self.retired: dict[str, torch.Tensor] | None = None  # (R, ...) last weights of stopped replicates
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=self.cfg.learning_rate, weight_decay=self.cfg.weight_decay, fused=True
         )
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=self.cfg.lr_step, gamma=self.cfg.lr_gamma)
-        self._prepare_homology(inputs)
         self.active = torch.ones(R, dtype=torch.bool, device=device)
         self.best = {
             "valid_loss": torch.full((R,), torch.inf, dtype=torch.float64),
@@ -285,8 +289,8 @@ class Trainer:
         self.model.replicates = len(keep)
         self.live = self.live[keep]
         self.inv_std, self.shift = self.inv_std[keep], self.shift[keep]
-        if self.valid_inputs is not None:
-            self.valid_inputs = self.valid_inputs[keep]
+        if self.scored_inputs is not None:
+            self.scored_inputs = self.scored_inputs[keep]
 
     def last_weights(self) -> dict[str, torch.Tensor]:
         """(R, ...) weights as each replicate ended its last epoch: live ones from the model, stopped
@@ -299,25 +303,31 @@ class Trainer:
         return self.retired
 
     @torch.no_grad()
-    def _valid_pass(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Score every validation row of every live replicate (no drop_last): (L,) loss and accuracy."""
+    def _valid_pass(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Score every validation row of every live replicate (no drop_last): (L,) loss and accuracy, and
+        the regions' embeddings when they rode along (see `scored_inputs`)."""
         self.model.eval()
         loss_sum = torch.zeros(len(self.live), device=self.device, dtype=torch.float64)
         correct = torch.zeros(len(self.live), device=self.device, dtype=torch.float64)
         rows = self.live[:, None]
         valid_idx, valid_mask = self.valid_idx[self.live], self.valid_mask[self.live]
-        for start in range(0, valid_idx.shape[1], VALID_CHUNK):
+        width = valid_idx.shape[1]
+        regions = None
+        for start in range(0, width, VALID_CHUNK):
             idx = valid_idx[:, start : start + VALID_CHUNK]
             mask = valid_mask[:, start : start + VALID_CHUNK]
-            inputs = self.valid_inputs if self.valid_inputs is not None else self._scaled(idx)
             with self._amp():
-                logits, _ = self.model(inputs)
+                if self.scored_inputs is None:
+                    logits, _ = self.model(self._scaled(idx))
+                else:
+                    logits, embedding = self.model(self.scored_inputs)
+                    logits, regions = logits[:, :width], embedding[:, width:].float()
             target = self.Y[rows, idx]
             losses = F.cross_entropy(logits.float().transpose(1, 2), target, reduction="none")
             loss_sum += (losses * mask).sum(dim=1)
             correct += ((logits.argmax(-1) == target) & mask).sum(dim=1)
         n = valid_mask.sum(dim=1)
-        return (loss_sum / n).float(), (correct / n).float()
+        return (loss_sum / n).float(), (correct / n).float(), regions
 
     @torch.no_grad()
     def embeddings(self) -> torch.Tensor:
@@ -327,8 +337,9 @@ class Trainer:
             return self.model.embed(self.transform_inputs()).float()
 
     @torch.no_grad()
-    def _rank(self) -> torch.Tensor:
-        emb = self.embeddings()
+    def _rank(self, emb: torch.Tensor | None) -> torch.Tensor:
+        """(L,) homology rank of the regions' embeddings (computed here unless validation made them)."""
+        emb = self.embeddings() if emb is None else emb
         n_h = len(self.human_regions)
         corr = pearson(emb[:, :n_h].double(), emb[:, n_h:].double())
         return homology_rank(corr, self.h_idx, self.m_idx)
@@ -355,9 +366,9 @@ class Trainer:
         with self.timed("train_pass"):
             train_loss, train_acc = self._train_pass()
         with self.timed("validation"):
-            valid_loss, valid_acc = self._valid_pass()
+            valid_loss, valid_acc, region_embedding = self._valid_pass()
         with self.timed("homology_rank"):
-            rank = self._rank()
+            rank = self._rank(region_embedding)
         with self.timed("bookkeeping"):
             metrics = self._bookkeeping(lr, train_loss, train_acc, valid_loss, valid_acc, rank)
         self.seconds["epochs"] += 1

@@ -135,3 +135,22 @@ def test_memory_check_trains_one_epoch_of_its_set(compare, tmp_path, monkeypatch
     assert result["selected_mb"] == pytest.approx(630 * 4542 * 4 / 2**20)
     assert result["limit_mb"] == pytest.approx(1.5 * result["selected_mb"] + 1024)
     assert result["peak_mb"] > 0
+
+
+def test_epoch_parts_compares_two_checkouts_in_turns(params):
+    """With --against, fresh processes of both checkouts alternate; each reports the per-epoch work
+    beyond the training pass from transdnn's own accounting."""
+    args = f"cortex --params {params} --epochs 2 --against {BENCH.parent / 'src'} --rounds 2"
+    out = subprocess.run(
+        [sys.executable, str(BENCH / "epoch_parts.py"), *args.split()],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    runs = [json.loads(line.split(" ", 1)[1]) for line in out if line.startswith(("this {", "against {"))]
+    assert [line.split(" ", 1)[0] for line in out[:4]] == ["against", "this", "against", "this"]
+    for seconds in runs:
+        assert seconds["epochs"] == 2 and seconds["train_pass"] > 0
+        beyond = seconds["validation"] + seconds["homology_rank"] + seconds["bookkeeping"]
+        assert seconds["beyond_share"] == pytest.approx(beyond / seconds["train_pass"])
+    assert out[-1].startswith("against  per-epoch work beyond the pass: ") and out[-1].count("%") == 2

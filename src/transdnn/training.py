@@ -145,9 +145,7 @@ class Trainer:
         width = self.valid_idx.shape[1]
         if width <= VALID_CHUNK:
             self.scored_inputs = torch.empty(R, width + len(self.region_inputs), n_in, device=device)
-            for r in range(R):  # one replicate's validation rows are a contiguous block
-                rows = torch.index_select(self.X, 0, self.valid_idx[r], out=self.scored_inputs[r, :width])
-                torch.addcmul(self.shift[r], rows, self.inv_std[r], out=rows)
+            self._scaled(self.valid_idx, self.scored_inputs[:, :width])
             self.scored_inputs[:, width:] = self.transform_inputs()
         labels = torch.from_numpy(train.labels)
         Y = labels.repeat(R, 1)
@@ -205,14 +203,16 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
 
     def _scaled(self, idx: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Gather rows into `out` (default: a reused buffer) and scale them in place: no fresh large
-        allocations per step (on CPU, fresh multi-MB tensors cost page faults that rival the matmuls)."""
+        """Gather (R, N) rows into `out` (default: a reused buffer) and scale them in place: no fresh large
+        allocations per step (on CPU, fresh multi-MB tensors cost page faults that rival the matmuls).
+        Each replicate's rows are gathered apart, so `out` may be a slice of a larger tensor."""
         if out is None:
             size = idx.numel() * self.X.shape[1]
             if self._buffer is None or self._buffer.numel() < size:
                 self._buffer = torch.empty(size, device=self.device)
             out = self._buffer[:size].view(*idx.shape, self.X.shape[1])
-        torch.index_select(self.X, 0, idx.reshape(-1), out=out.view(-1, self.X.shape[1]))
+        for rows, block in zip(idx, out, strict=True):
+            torch.index_select(self.X, 0, rows, out=block)
         return torch.addcmul(self.shift[:, None, :], out, self.inv_std[:, None, :], out=out)
 
     def transform_inputs(self) -> torch.Tensor:

@@ -205,6 +205,7 @@ def _run_bad(tmp_path: Path, args: list[str]) -> tuple[int, str]:
     before = _snapshot(out)
     result = runner.invoke(app, args)
     assert _snapshot(out) == before, "a rejected input must leave no output behind"
+    assert result.stdout == "", "a rejected input prints its one error line and nothing else"
     return result.exit_code, result.stderr
 
 

@@ -301,13 +301,28 @@ def test_embed_of_an_unknown_registered_model_exits_2(params: Path, tracking_uri
     assert not (tmp_path / "runs" / "cortex" / "registry").exists()
 
 
-def test_no_server_at_the_tracking_uri_exits_2(params: Path, tracking_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def test_registry_show_before_any_store_creates_none(params: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A lookup reports that nothing is registered; it does not create and migrate an empty store."""
+    db = tmp_path / "project" / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    assert (
+        _ok(["registry", "show", "--params", str(params)]).strip()
+        == "no registered champion yet: run `transdnn promote PARTITION`"
+    )
+    assert json.loads(_ok(["registry", "show", "cortex", "--params", str(params), "--json"])) == []
+    assert not db.exists() and not db.parent.exists()
+
+
+@pytest.mark.parametrize("command", [["train", "cortex"], ["registry", "show"]])
+def test_no_server_at_the_tracking_uri_exits_2(
+    command: list[str], params: Path, tracking_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     """MLflow alone retries a refused connection for minutes, then prints a traceback."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         uri = f"http://127.0.0.1:{s.getsockname()[1]}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    result = runner.invoke(app, ["train", "cortex", "--params", str(params)])
+    result = runner.invoke(app, [*command, "--params", str(params)])
     assert result.exit_code == 2
     assert result.stderr.strip() == (
         f"error: {uri}: no MLflow server answers ([Errno 111] Connection refused); expected one at tracking.uri or MLFLOW_TRACKING_URI"

@@ -71,31 +71,43 @@ def _partition(params: Path, partition: Partition, out: Path | None = None, **pa
     return settings, part
 
 
-def _tracker(settings, params: Path, enabled: bool):  # type: ignore[no-untyped-def]
-    if not enabled:
-        return None
-    from transdnn.tracking import Tracker, configure
+def _configure(settings, params: Path) -> Path:  # type: ignore[no-untyped-def]
+    """Point MLflow at the store params.yaml (or the environment) names; return the project folder."""
+    from transdnn.tracking import configure
 
     project = params.resolve().parent
     configure(settings.tracking, project)
-    return _run(Tracker, settings.tracking.experiment, project)
+    return project
+
+
+def _tracker(settings, params: Path, enabled: bool):  # type: ignore[no-untyped-def]
+    if not enabled:
+        return None
+    from transdnn.tracking import Tracker
+
+    return _run(Tracker, settings.tracking.experiment, _configure(settings, params))
 
 
 class _Progress:
-    """A progress bar over replicate-epochs."""
+    """A progress bar over replicate-epochs, drawn from the first epoch on: inputs that fail to load
+    leave only the error line."""
 
     def __init__(self, total: int, label: str) -> None:
-        self.bar = typer.progressbar(length=total, label=label, file=None)
-        self.bar.__enter__()
+        self.total, self.label = total, label
+        self.bar = None
 
     def on_epoch(self, epoch: int, metrics) -> None:  # type: ignore[no-untyped-def]
+        if self.bar is None:
+            self.bar = typer.progressbar(length=self.total, label=self.label, file=None)
+            self.bar.__enter__()
         self.bar.update(len(metrics))
 
     def flush(self) -> None:
         return None
 
     def close(self) -> None:
-        self.bar.__exit__(None, None, None)
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
 
 
 @app.command()
@@ -299,8 +311,7 @@ def registry_show(
     """Print aliases, versions, runs, replicates, metrics and URIs per partition."""
     from transdnn.registry import show
 
-    settings = _settings(params)
-    _tracker(settings, params, True)
+    _configure(_settings(params), params)
     rows = _run(show, [partition.value] if partition else [p.value for p in Partition])
     if as_json:
         typer.echo(json.dumps(rows, indent=2))

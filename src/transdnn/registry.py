@@ -14,7 +14,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from transdnn.errors import TrackingError
-from transdnn.tracking import PARENT_ROLE, retry
+from transdnn.tracking import PARENT_ROLE, reader, retry
 
 CHAMPION = "champion"
 PREVIOUS = "previous"
@@ -177,9 +177,11 @@ def promote(
 
 
 def show(partitions: list[str]) -> list[dict[str, Any]]:
-    """Per partition and alias: version, run, replicate, metrics and URI."""
-    client = MlflowClient()
-    rows = []
+    """Per partition and alias: version, run, replicate, metrics and URI (none before the store exists)."""
+    client = reader()
+    rows: list[dict[str, Any]] = []
+    if client is None:
+        return rows
     for partition in partitions:
         name = model_name(partition)
         for alias in (CHAMPION, PREVIOUS):

@@ -99,6 +99,16 @@ def _check_answers(uri: str, timeout: float = 10.0) -> None:
         ) from None
 
 
+def reader() -> MlflowClient | None:
+    """A client for looking things up, or None when the configured store is a local SQLite file that does
+    not exist yet: nothing is recorded there, and opening it would create and migrate an empty store."""
+    uri = mlflow.get_tracking_uri()
+    _check_answers(uri)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return None
+    return MlflowClient()
+
+
 def retry(call: Callable[[], T], attempts: int = 8, delay: float = 0.2) -> T:
     """Retry a store call while SQLite reports it is locked or busy (parallel writers)."""
     for attempt in range(attempts):

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from conftest import TinyData
 from transdnn.cli import app
 from transdnn.data import load_partition_inputs
-from transdnn.registry import candidates
+from transdnn.registry import candidates, promotion_reason
 from transdnn.tracking import shown
 
 runner = CliRunner()
@@ -334,3 +334,9 @@ def test_messages_mask_a_password_in_the_store_uri():
     assert shown("postgresql://mlflow:s3cret@db:5432/mlflow") == "postgresql://mlflow:***@db:5432/mlflow"
     assert shown("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
     assert shown("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
+
+
+def test_promotion_reason_names_a_few_runs_and_counts_many():
+    assert promotion_reason("homology_rank", 10, ["a1", "b2"]) == "lowest homology_rank among 10 replicates of run(s) a1, b2"
+    many = promotion_reason("valid_loss", 1000, [f"{i:032x}" for i in range(100)])
+    assert many == "lowest valid_loss among 1000 replicates of 100 training runs"

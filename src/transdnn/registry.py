@@ -18,6 +18,7 @@ from transdnn.tracking import PARENT_ROLE, reader, retry
 
 CHAMPION = "champion"
 PREVIOUS = "previous"
+MAX_RUNS_NAMED = 3  # a promotion reason names up to this many training runs, else counts them
 
 
 def model_name(partition: str) -> str:
@@ -145,6 +146,13 @@ def _current(client: MlflowClient, name: str, alias: str) -> Any | None:
         return None
 
 
+def promotion_reason(criterion: str, replicates: int, run_ids: list[str]) -> str:
+    """Why a version is champion, in one line: a job over the published 100 data sets has 100 training
+    runs, whose ids would make it 3,400 characters (each version keeps its own run id)."""
+    runs = f"run(s) {', '.join(run_ids)}" if len(run_ids) <= MAX_RUNS_NAMED else f"{len(run_ids)} training runs"
+    return f"lowest {criterion} among {replicates} replicates of {runs}"
+
+
 def promote(
     partition: str, experiment_id: str, criterion: str, run_ids: list[str] | None = None, require_better: bool = False
 ) -> Promotion:
@@ -168,7 +176,7 @@ def promote(
             return Promotion(
                 version, best, False, f"candidate {best.key(criterion)} does not beat champion v{current.version} {cur}"
             )
-    reason = f"lowest {criterion} among {len(cands)} replicates of run(s) {', '.join(run_ids)}"
+    reason = promotion_reason(criterion, len(cands), run_ids)
     retry(lambda: client.set_model_version_tag(name, version, "promotion_reason", reason))
     if current is not None:
         retry(lambda: client.set_registered_model_alias(name, PREVIOUS, current.version))

@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from conftest import TinyData
+from transdnn.checkpoints import RunLayout
 from transdnn.cli import app
 from transdnn.data import load_partition_inputs
 from transdnn.registry import candidates, promotion_reason
@@ -105,10 +106,32 @@ def test_promote_champion_loads_and_reproduces_run_embeddings(params: Path, trac
     assert "models:/transdnn-cortex@champion" in shown and run_id not in shown  # versions point at child runs
 
     _ok(["embed", "cortex", "--params", str(params), "--model", "models:/transdnn-cortex@champion"])
-    via_registry = pd.read_csv(
-        tmp_path / "runs" / "cortex" / "registry" / "embed" / "champion" / "replicate_0" / "human_embedding.csv", index_col=0
-    )
+    registry = tmp_path / "runs" / "cortex" / "registry" / "embed"
+    via_registry = pd.read_csv(registry / "champion" / "replicate_0" / "human_embedding.csv", index_col=0)
     assert np.allclose(via_registry.to_numpy(), expected.to_numpy(), atol=1e-5)
+    # another URI writes beside the champion's folder, not over it, and its metrics name the model
+    by_version = f"models:/transdnn-cortex/{champion.version}"
+    assert str(registry / f"version_{champion.version}") in _ok(
+        ["embed", "cortex", "--params", str(params), "--model", by_version]
+    )
+    assert json.loads((registry / f"version_{champion.version}" / "metrics.json").read_text())["checkpoint"] == by_version
+    assert json.loads((registry / "champion" / "metrics.json").read_text())["checkpoint"] == "models:/transdnn-cortex@champion"
+    again = pd.read_csv(registry / f"version_{champion.version}" / "replicate_0" / "human_embedding.csv", index_col=0)
+    assert np.allclose(again.to_numpy(), via_registry.to_numpy())
+
+
+@pytest.mark.parametrize(
+    ("uri", "label"),
+    [
+        ("models:/transdnn-cortex@champion", "champion"),
+        ("models:/transdnn-cortex@previous", "previous"),
+        ("models:/transdnn-cortex/12", "version_12"),
+        ("models:/m-0123abcd", "m-0123abcd"),
+        ("runs:/0123abcd/model", "0123abcd_model"),
+    ],
+)
+def test_each_model_uri_embeds_into_its_own_folder(uri: str, label: str, tmp_path: Path):
+    assert RunLayout.for_model_uri(tmp_path, uri).embed_dir == tmp_path / "registry" / "embed" / label
 
 
 @pytest.mark.parametrize("criterion", ["homology_rank", "valid_loss"])

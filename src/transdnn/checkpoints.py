@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,20 @@ class RunLayout:
     @classmethod
     def for_training_file(cls, out: Path, train_file: Path) -> RunLayout:
         return cls(Path(out), Path(train_file).stem)
+
+    @classmethod
+    def for_model_uri(cls, out: Path, uri: str) -> RunLayout:
+        """Where `transdnn embed --model URI` writes: `<out>/registry/embed/<label>`, the label being the
+        alias (`models:/name@champion` -> champion), `version_N` (`models:/name/N`), or else the URI made
+        fit for a folder name, so embeddings of different models never overwrite each other."""
+        path = uri.split(":/", 1)[-1].strip("/")
+        name, at, alias = path.partition("@")
+        if at:
+            label = alias
+        else:
+            head, _, version = name.rpartition("/")
+            label = f"version_{version}" if head and version.isdigit() else path
+        return cls(Path(out) / "registry", re.sub(r"[^A-Za-z0-9._-]+", "_", label))
 
     @property
     def train_root(self) -> Path:

@@ -240,9 +240,9 @@ def embed(
     if model:
         tracker = _tracker(settings, params, True)
         stored = _run(tracker.load_model, model)
-        metrics = _run(embed_with_model, stored, part, dev, Path(part.out))
+        metrics, folder = _run(embed_with_model, stored, model, part, dev)
         typer.echo(
-            f"{partition.value}: {model} homology rank {metrics['homology_rank_mean']:.2f} (raw {metrics['raw_homology_rank']:.2f}) -> {part.out}/registry/embed/champion"
+            f"{partition.value}: {model} homology rank {metrics['homology_rank_mean']:.2f} (raw {metrics['raw_homology_rank']:.2f}) -> {folder}"
         )
         return
     kind = checkpoint.value if checkpoint else part.embed.checkpoint

@@ -305,13 +305,15 @@ def _track_embedding(run: Any, layout: RunLayout, emb: Any, inputs: PartitionInp
     run.log_parent_metrics({k: v for k, v in metrics.items() if isinstance(v, float)})
 
 
-def embed_with_model(model: StoredModel, part: PartitionSettings, device: torch.device, out: Path) -> dict[str, Any]:
-    """Embed with a registry model (one replicate) into `out`."""
+def embed_with_model(model: StoredModel, uri: str, part: PartitionSettings, device: torch.device) -> tuple[dict[str, Any], Path]:
+    """Embed with the registry model (one replicate) that `uri` named; its metrics record that URI as
+    their checkpoint. Returns the metrics and the folder they were written to."""
     inputs = load_inputs(part.data)
     emb = embed_inputs(model, inputs, device)
-    metrics = embed_metrics(emb, "registry", None)
-    write_embeddings(emb, RunLayout(out / "registry", "champion"), metrics)
-    return metrics
+    metrics = embed_metrics(emb, uri, None)
+    layout = RunLayout.for_model_uri(part.out, uri)
+    write_embeddings(emb, layout, metrics)
+    return metrics, layout.embed_dir
 
 
 def test_partition(

@@ -42,3 +42,27 @@ def test_scaler_matches_hand_computed_statistics_per_replicate():
     assert torch.allclose(mean, torch.tensor([[3.0, 5.0], [52.5, 2.5]]))
     # ddof 0; a constant gene gets std 1 (sklearn's StandardScaler does the same)
     assert torch.allclose(std, torch.tensor([[np.sqrt(8 / 3), 1.0], [47.5, 2.5]], dtype=torch.float32))
+
+
+def test_scaler_gives_a_gene_constant_over_the_training_rows_std_1_like_sklearn():
+    """Found on 2026-11-27: 79 of 300 constant genes (values -50..50, 20k rows) got a std of 1e-8-1e-6."""
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(1)
+    constant = rng.uniform(-50, 50, 300).astype(np.float32)
+    X = np.tile(constant, (20_000, 1))
+    X[::7] += rng.normal(size=(len(X[::7]), 300)).astype(np.float32)  # rows the mask below leaves out
+    masks = torch.ones(2, len(X), dtype=torch.bool)
+    masks[:, ::7] = False
+    masks[1, 1::3] = False
+    mean, std = fit_scalers(torch.from_numpy(X), masks)
+    assert torch.equal(std, torch.ones_like(std))
+    assert torch.equal(mean, torch.from_numpy(constant).expand(2, -1))
+    for r in range(2):
+        expected = StandardScaler().fit(X[masks[r].numpy()])
+        assert np.array_equal(expected.scale_, np.ones(300))
+    # and on ordinary data the statistics are sklearn's
+    Y = rng.normal(loc=30, scale=0.01, size=(3000, 50)).astype(np.float32)
+    mean, std = fit_scalers(torch.from_numpy(Y), torch.ones(1, len(Y), dtype=torch.bool))
+    sk = StandardScaler().fit(Y.astype(np.float64))
+    assert np.allclose(mean[0].numpy(), sk.mean_, rtol=1e-7) and np.allclose(std[0].numpy(), sk.scale_, rtol=1e-5)

@@ -35,18 +35,24 @@ def fit_scalers(X: torch.Tensor, train_masks: torch.Tensor, chunk: int = 256) ->
     so memory stays at one chunk whatever the number of replicates. A 256-row chunk's float64 copy and
     square (9 MB on cortex) stay in cache: 0.4-0.8 s for 50k cortex rows and 10 replicates, against
     1.7-4 s with 8,192-row chunks, whose copies each page-fault in anew.
+
+    The sums are of deviations from each gene's mean over the first chunk, and a variance within the
+    sums' rounding error counts as none: E[x^2] - E[x]^2 of raw values gave a gene that is constant over
+    a replicate's training rows, away from zero, a std of ~1e-7 instead of 1 (sklearn's), so its other
+    rows (validation, transform sets) were scaled up ~1e7.
     """
     masks = train_masks.to(torch.float64)
+    shift = X[:chunk].to(torch.float64).mean(dim=0)
     total = torch.zeros(masks.shape[0], X.shape[1], dtype=torch.float64, device=X.device)
     total_sq = torch.zeros_like(total)
     for start in range(0, X.shape[0], chunk):
-        block = X[start : start + chunk].to(torch.float64)
+        block = X[start : start + chunk].to(torch.float64) - shift
         weight = masks[:, start : start + chunk]
         total += weight @ block
         total_sq += weight @ (block * block)
     n = masks.sum(dim=1, keepdim=True)
-    mean = total / n
-    var = (total_sq / n - mean * mean).clamp_min(0)
-    std = var.sqrt()
-    std = torch.where(std > 0, std, torch.ones_like(std))
-    return mean.to(torch.float32), std.to(torch.float32)
+    mean, mean_sq = total / n, total_sq / n
+    var = (mean_sq - mean * mean).clamp_min(0)
+    constant = var <= 4 * n * torch.finfo(torch.float64).eps * mean_sq  # the sums' worst-case rounding
+    std = torch.where(constant, torch.ones_like(var), var.sqrt())
+    return (mean + shift).to(torch.float32), std.to(torch.float32)

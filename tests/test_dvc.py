@@ -16,8 +16,12 @@ from conftest import REPO
 pytestmark = pytest.mark.slow
 
 
-def _sh(cwd: Path, *args: str) -> str:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+MODULE_LOG = Path(__file__).with_name("module_log")
+SHARED = {"cli", "errors"}  # parse, print and name errors: they change no stage's outputs
+
+
+def _sh(cwd: Path, *args: str, **env_extra: str) -> str:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **env_extra}
     out = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, f"{' '.join(args)}\n{out.stdout}\n{out.stderr}"
     return out.stdout
@@ -40,8 +44,30 @@ def dvc_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _sh(repo, "dvc", "config", "core.analytics", "false")
     _sh(repo, "git", "add", "-A")
     _sh(repo, "git", "-c", "user.email=ci@example.invalid", "-c", "user.name=ci", "commit", "-qm", "init")
-    _sh(repo, "dvc", "repro")
+    pythonpath = os.pathsep.join(filter(None, [str(MODULE_LOG), os.environ.get("PYTHONPATH")]))
+    _sh(repo, "dvc", "repro", PYTHONPATH=pythonpath, TRANSDNN_MODULE_LOG=str(repo.parent / "modules.jsonl"))
     return repo
+
+
+def test_each_stage_depends_on_every_module_its_command_loads(dvc_repo: Path):
+    """A module a stage runs but does not list would leave its outputs stale when that module changes."""
+    stages = yaml.safe_load((dvc_repo / "dvc.yaml").read_text())["stages"]
+    runs = [json.loads(line) for line in (dvc_repo.parent / "modules.jsonl").read_text().splitlines()]
+    assert {r["argv"][0] for r in runs} == set(stages), "each stage ran, as a `transdnn` process"
+    unlisted = {}
+    for run in runs:
+        command = run["argv"][0]
+        stage = stages[command].get("do", stages[command])
+        listed = {d for d in stage["deps"] if d.startswith("src/transdnn/")}
+        loaded = {_source(m.split(".")[0]) for m in run["modules"] if m not in SHARED}
+        unlisted[command] = sorted(loaded - listed)
+    assert unlisted == {stage: [] for stage in stages}, "modules each stage runs but does not list in its deps"
+
+
+def _source(module: str) -> str:
+    """The dvc.yaml dependency of a transdnn module: its file, or its folder for a package."""
+    folder = f"src/transdnn/{module}"
+    return folder if (REPO / folder).is_dir() else f"{folder}.py"
 
 
 def test_repro_leaves_a_clean_status_and_a_second_repro_does_nothing(dvc_repo: Path):

@@ -285,8 +285,11 @@ def _cores() -> int:
     return min(cores, _MAX_GATHER_THREADS)
 
 
-def load_training_set(path: Path, genes: GeneList) -> TrainingSet:
-    """Load a training h5ad: drop `other` rows, parse `{region}_{sampleK}_{cell}` ids, select genes."""
+def load_training_set(path: Path, genes: GeneList, min_samples: int = 2) -> TrainingSet:
+    """Load a training h5ad: drop `other` rows, parse `{region}_{sampleK}_{cell}` ids, select genes.
+
+    A set to be split needs `min_samples` = 2 samples per region, so each side sees every region; a
+    held-out test set (the same layout, never split) may have one."""
     adata = _read_h5ad(path)
     ids = _region_ids(adata, path)
     parts = ids.str.split("_", n=2, expand=True).reindex(columns=range(3))
@@ -309,11 +312,11 @@ def load_training_set(path: Path, genes: GeneList) -> TrainingSet:
     sample_region = np.empty(len(samples), dtype=np.int64)
     sample_region[row_sample] = labels
     per_region = np.bincount(sample_region, minlength=len(regions))
-    thin = regions[per_region < 2]
+    thin = regions[per_region < min_samples]
     if len(thin):
         raise InputError(
-            f"{path}: obs['region_index'] regions with fewer than 2 samples: {_examples(thin.tolist())} "
-            "(expected at least 2 samples per region so each side of the split sees it)"
+            f"{path}: obs['region_index'] regions with fewer than {min_samples} samples: {_examples(thin.tolist())} "
+            f"(expected at least {min_samples} samples per region so each side of the split sees it)"
         )
     X = _select_genes(adata, rows, genes, path)
     return TrainingSet(

@@ -323,7 +323,7 @@ def test_partition(
     part = part.model_copy(update={"out": Path(part.out) / "independent_test"})
     # The test set is read, and its regions held against each training set's, before that set trains:
     # a wrong test file costs seconds, not a training.
-    test_set = load_training_set(test_file, read_gene_list(part.data.genes))
+    test_set = load_training_set(test_file, read_gene_list(part.data.genes), min_samples=1)
     outcomes = train_partition(
         "independent", part, device, progress=progress, check=lambda ts: check_test_regions(test_set, ts.regions)
     )

@@ -3,6 +3,7 @@ and the expectation, no traceback, and leaves no output behind."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -220,6 +221,27 @@ def test_bad_input_exits_2_with_one_line(case: str, tmp_path: Path, tiny: TinyDa
     assert "Traceback" not in err
     assert named.name in lines[0]
     assert expected in lines[0]
+
+
+@pytest.mark.parametrize(
+    "case", ["training set missing", "duplicated genes in data", "region with one sample", "homolog absent from training"]
+)
+def test_a_bad_later_training_set_fails_before_the_first_trains(case: str, tmp_path: Path, tiny: TinyData, params: Path):
+    """A 100-set job checks every set's ids, genes and regions up front: the 57th fails in seconds, not hours."""
+    second = tiny.train.with_name("Integrated_dataset_1.h5ad")
+    second.write_bytes(tiny.train.read_bytes())
+    if case == "training set missing":
+        second.unlink()
+        expected = "file not found"
+    else:
+        breaker, expected = CASES[case]
+        breaker(dataclasses.replace(tiny, train=second))
+    raw = yaml.safe_load(params.read_text())
+    raw["cortex"]["data"]["train"] = [tiny.train.name, second.name]
+    params.write_text(yaml.safe_dump(raw))
+    code, err = _run_bad(tmp_path, ["train", "cortex", "--params", str(params), "--no-track"])
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert str(second) in err and expected in err
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import mmap
 import os
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,16 +120,21 @@ def _read_csv(path: Path) -> pd.DataFrame:
         raise InputError(f"{path}: not a readable CSV ({str(exc).splitlines()[0]})") from None
 
 
-def _read_h5ad(path: Path) -> ad.AnnData:
-    """Open an h5ad in backed mode: obs and var are read, X stays on disk until `_select_genes`."""
+@contextmanager
+def _backed(path: Path) -> Iterator[ad.AnnData]:
+    """An h5ad open in backed mode: obs and var are read, X stays on disk until `_select_genes`."""
     if not path.is_file():
         raise InputError(f"{path}: file not found (expected an .h5ad file)")
     if not h5py.is_hdf5(path):
         raise InputError(f"{path}: not an HDF5 file (expected an .h5ad file written by anndata)")
     try:
-        return ad.read_h5ad(path, backed="r")
+        adata = ad.read_h5ad(path, backed="r")
     except Exception as exc:  # anndata/h5py raise many types for truncated or foreign files
         raise _unreadable(path, exc) from None
+    try:
+        yield adata
+    finally:
+        adata.file.close()
 
 
 def _unreadable(path: Path, exc: Exception) -> InputError:
@@ -141,9 +148,8 @@ def _region_ids(adata: ad.AnnData, path: Path) -> pd.Series:
     return adata.obs["region_index"].astype(str).reset_index(drop=True)
 
 
-def _select_genes(adata: ad.AnnData, rows: np.ndarray, genes: GeneList, path: Path, chunk: int = 4096) -> np.ndarray:
-    """Return rows x gene-list matrix (float32), reading X in row chunks: only the selected block is
-    ever dense in memory, whether X is dense or sparse on disk."""
+def _gene_positions(adata: ad.AnnData, genes: GeneList, path: Path) -> np.ndarray:
+    """Where each gene-list gene sits among X's columns (var['Gene'], else var_names)."""
     names = adata.var["Gene"].astype(str) if "Gene" in adata.var.columns else pd.Series(adata.var_names)
     index = pd.Index(names.to_numpy())
     wanted = pd.Index(genes.genes)
@@ -158,7 +164,13 @@ def _select_genes(adata: ad.AnnData, rows: np.ndarray, genes: GeneList, path: Pa
             f"{_examples(missing.tolist())} (expected every gene-list gene)"
         )
     first = pd.Series(np.arange(len(index)), index=index)
-    cols = first[~first.index.duplicated()].reindex(wanted).to_numpy()  # duplicates outside the list are harmless
+    return first[~first.index.duplicated()].reindex(wanted).to_numpy()  # duplicates outside the list are harmless
+
+
+def _select_genes(adata: ad.AnnData, rows: np.ndarray, genes: GeneList, path: Path, chunk: int = 4096) -> np.ndarray:
+    """Return rows x gene-list matrix (float32), reading X in row chunks: only the selected block is
+    ever dense in memory, whether X is dense or sparse on disk."""
+    cols = _gene_positions(adata, genes, path)
     out = np.empty((len(rows), len(cols)), dtype=np.float32)
     keep = np.zeros(adata.n_obs, dtype=bool)
     keep[rows] = True
@@ -173,9 +185,6 @@ def _select_genes(adata: ad.AnnData, rows: np.ndarray, genes: GeneList, path: Pa
         raise
     except Exception as exc:  # a truncated or corrupt X only shows when it is read
         raise _unreadable(path, exc) from None
-    finally:
-        if adata.isbacked:
-            adata.file.close()
     return out
 
 
@@ -285,12 +294,47 @@ def _cores() -> int:
     return min(cores, _MAX_GATHER_THREADS)
 
 
+@dataclass(frozen=True)
+class _Labels:
+    """What a training h5ad's obs says: the labelled rows, their regions and samples."""
+
+    rows: np.ndarray
+    labels: np.ndarray
+    regions: list[str]
+    row_sample: np.ndarray
+    sample_region: np.ndarray
+
+
 def load_training_set(path: Path, genes: GeneList, min_samples: int = 2) -> TrainingSet:
     """Load a training h5ad: drop `other` rows, parse `{region}_{sampleK}_{cell}` ids, select genes.
 
     A set to be split needs `min_samples` = 2 samples per region, so each side sees every region; a
     held-out test set (the same layout, never split) may have one."""
-    adata = _read_h5ad(path)
+    with _backed(path) as adata:
+        obs = _training_labels(adata, path, min_samples)
+        X = _select_genes(adata, obs.rows, genes, path)
+    return TrainingSet(
+        path=path,
+        X=X,
+        labels=obs.labels,
+        regions=obs.regions,
+        row_sample=obs.row_sample,
+        sample_region=obs.sample_region,
+        genes=genes.genes,
+    )
+
+
+def check_training_file(path: Path, genes: GeneList, homology: Homology) -> None:
+    """Everything `load_training_set` and `check_training_regions` check that needs no X: a job over
+    many training sets checks them all before it trains the first, and a bad 57th set fails in
+    seconds, not hours. (Values, NaN or inf, are checked as each set is read.)"""
+    with _backed(path) as adata:
+        obs = _training_labels(adata, path, 2)
+        _gene_positions(adata, genes, path)
+    _check_regions(obs.regions, path, homology)
+
+
+def _training_labels(adata: ad.AnnData, path: Path, min_samples: int) -> _Labels:
     ids = _region_ids(adata, path)
     parts = ids.str.split("_", n=2, expand=True).reindex(columns=range(3))
     region = parts[0]
@@ -318,28 +362,18 @@ def load_training_set(path: Path, genes: GeneList, min_samples: int = 2) -> Trai
             f"{path}: obs['region_index'] regions with fewer than {min_samples} samples: {_examples(thin.tolist())} "
             f"(expected at least {min_samples} samples per region so each side of the split sees it)"
         )
-    X = _select_genes(adata, rows, genes, path)
-    return TrainingSet(
-        path=path,
-        X=X,
-        labels=labels.astype(np.int64),
-        regions=regions.tolist(),
-        row_sample=row_sample.astype(np.int64),
-        sample_region=sample_region,
-        genes=genes.genes,
-    )
+    return _Labels(rows, labels.astype(np.int64), regions.tolist(), row_sample.astype(np.int64), sample_region)
 
 
 def load_transform_set(path: Path, genes: GeneList) -> TransformSet:
     """Load a human or mouse transform h5ad (`{region}_{sample}` ids) and average it per region."""
-    adata = _read_h5ad(path)
-    ids = _region_ids(adata, path)
-    region = ids.str.split("_", n=1).str[0]
-    keep = (region != UNLABELLED).to_numpy()
-    if not keep.any():
-        raise InputError(f"{path}: obs['region_index'] has no labelled rows (expected '{{region}}_{{sample}}' ids)")
-    rows = np.flatnonzero(keep)
-    X = _select_genes(adata, rows, genes, path)
+    with _backed(path) as adata:
+        ids = _region_ids(adata, path)
+        region = ids.str.split("_", n=1).str[0]
+        keep = (region != UNLABELLED).to_numpy()
+        if not keep.any():
+            raise InputError(f"{path}: obs['region_index'] has no labelled rows (expected '{{region}}_{{sample}}' ids)")
+        X = _select_genes(adata, np.flatnonzero(keep), genes, path)
     names, codes = np.unique(region[keep].to_numpy(), return_inverse=True)
     return TransformSet(path=path, regions=names.tolist(), means=region_means(X, codes, len(names)))
 
@@ -381,9 +415,12 @@ def load_partition_inputs(human: Path, mouse: Path, genes: Path, homology: Path)
 
 def check_training_regions(train: TrainingSet, homology: Homology) -> None:
     """The human side of every homologous pair must be a training label."""
-    absent = sorted(set(homology.human) - set(train.regions))
+    _check_regions(train.regions, train.path, homology)
+
+
+def _check_regions(regions: list[str], path: Path, homology: Homology) -> None:
+    absent = sorted(set(homology.human) - set(regions))
     if absent:
         raise InputError(
-            f"{homology.path}: human_region {_examples(absent)} absent from the regions of {train.path} "
-            "(expected training labels)"
+            f"{homology.path}: human_region {_examples(absent)} absent from the regions of {path} (expected training labels)"
         )

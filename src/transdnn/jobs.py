@@ -24,7 +24,7 @@ from transdnn.checkpoints import RunLayout, StoredModel, load_model, save_model
 from transdnn.data import (
     PartitionInputs,
     TrainingSet,
-    check_training_regions,
+    check_training_file,
     load_partition_inputs,
     load_training_set,
     read_gene_list,
@@ -139,15 +139,18 @@ def train_partition(
     data sets that finished before from the same settings and files: a killed 100-set job redoes at most
     the data set it was in. `check` vets each training set once it is loaded, before anything is written."""
     inputs = load_inputs(part.data)
+    layouts = {path: RunLayout.for_training_file(part.out, path) for path in part.data.train_paths}
+    trained = {path: _trained_before(partition, part, path, layouts[path]) if resume else None for path in layouts}
+    for path, done in trained.items():
+        if done is None:  # every set to train, checked before the first trains: a bad one fails in seconds
+            check_training_file(path, inputs.genes, inputs.homology)
     outcomes = []
-    for path in part.data.train_paths:
+    for path, layout in layouts.items():
         started = time.perf_counter()
-        layout = RunLayout.for_training_file(part.out, path)
-        if resume and (done := _trained_before(partition, part, path, layout)):
+        if (done := trained[path]) is not None:
             outcomes.append(done)
             continue
         train_set = load_training_set(path, inputs.genes)
-        check_training_regions(train_set, inputs.homology)
         check_shapes(train_set, part)  # before anything is written
         if check is not None:
             check(train_set)

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from conftest import TinyData, make_tiny, tiny_params, write_h5ad
 from transdnn.cli import app
-from transdnn.data import load_partition_inputs, load_training_set, read_gene_list
+from transdnn.data import load_partition_inputs, load_training_set, read_gene_list, region_means
 
 runner = CliRunner()
 
@@ -76,6 +76,15 @@ def test_transform_sets_are_averaged_per_region(tiny: TinyData):
     first = raw.X[:3][:, ::-1].mean(axis=0)
     assert inputs.human.regions == ["hA", "hB", "hC", "hD", "hE", "hF"]
     assert np.allclose(inputs.human.means[0], first, atol=1e-6)
+
+
+def test_region_means_average_interleaved_rows_per_code():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(60, 7)).astype(np.float32)
+    codes = rng.permutation(np.repeat(np.arange(4), [5, 20, 1, 34]))
+    expected = pd.DataFrame(X.astype(np.float64)).groupby(codes).mean().to_numpy()
+    means = region_means(X, codes, 4)
+    assert means.dtype == np.float32 and np.allclose(means, expected, atol=1e-6)
 
 
 def _snapshot(root: Path) -> dict[str, float]:

@@ -379,11 +379,14 @@ def load_transform_set(path: Path, genes: GeneList) -> TransformSet:
 
 
 def region_means(X: np.ndarray, codes: np.ndarray, n_regions: int) -> np.ndarray:
-    """Average rows per region code (one pass, float64 accumulation)."""
-    sums = np.zeros((n_regions, X.shape[1]), dtype=np.float64)
-    np.add.at(sums, codes, X)
-    counts = np.bincount(codes, minlength=n_regions).astype(np.float64)
-    return (sums / counts[:, None]).astype(np.float32)
+    """Average rows per region code, in float64, one region's rows at a time (every code has rows).
+
+    `np.add.at` did it in one unbuffered pass that took 10 s for a 50k-row transform set (every `train`
+    and `embed` reads both sets); one region at a time takes 0.4 s."""
+    means = np.empty((n_regions, X.shape[1]), dtype=np.float32)
+    for code in range(n_regions):
+        means[code] = X[codes == code].mean(axis=0, dtype=np.float64)
+    return means
 
 
 @dataclass(frozen=True)

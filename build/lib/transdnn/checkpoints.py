@@ -1,0 +1,201 @@
+"""The training outputs on disk: where they live, and how checkpoints are saved and safely loaded.
+
+Checkpoints are plain tensor dicts read back with `torch.load(weights_only=True)`: no pickled objects
+are ever executed on the load path.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from transdnn.atomic import AlternatingFile, write_json, write_with
+from transdnn.errors import InputError
+from transdnn.model import StackedMLP
+from transdnn.settings import CHECKPOINTS
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Output folders of one partition and training set.
+
+    Training, history and embedding live in separate trees (`<out>/train/<dataset>`,
+    `<out>/history/<dataset>`, `<out>/embed/<dataset>`) so each DVC stage owns whole folders.
+    """
+
+    out: Path
+    dataset: str
+
+    @classmethod
+    def for_training_file(cls, out: Path, train_file: Path) -> RunLayout:
+        return cls(Path(out), Path(train_file).stem)
+
+    @classmethod
+    def for_model_uri(cls, out: Path, uri: str) -> RunLayout:
+        """Where `transdnn embed --model URI` writes: `<out>/registry/embed/<label>`, the label being the
+        alias (`models:/name@champion` -> champion), `version_N` (`models:/name/N`), or else the URI made
+        fit for a folder name, so embeddings of different models never overwrite each other."""
+        path = uri.split(":/", 1)[-1].strip("/")
+        name, at, alias = path.partition("@")
+        if at:
+            label = alias
+        else:
+            head, _, version = name.rpartition("/")
+            label = f"version_{version}" if head and version.isdigit() else path
+        return cls(Path(out) / "registry", re.sub(r"[^A-Za-z0-9._-]+", "_", label))
+
+    @property
+    def train_root(self) -> Path:
+        return self.out / "train" / self.dataset
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.train_root / "checkpoints"
+
+    def checkpoint(self, kind: str) -> Path:
+        return self.checkpoints_dir / f"{kind}.pt"
+
+    @property
+    def model_meta(self) -> Path:
+        return self.checkpoints_dir / "model.json"
+
+    @property
+    def summary(self) -> Path:
+        return self.train_root / "train_summary.csv"
+
+    @property
+    def state(self) -> AlternatingFile:
+        """Full training state after the last complete epoch (removed when training finishes)."""
+        return AlternatingFile(self.train_root / "state.pt")
+
+    @property
+    def run_record(self) -> Path:
+        """The MLflow run id of the training in progress, written before the first epoch."""
+        return self.train_root / "run.json"
+
+    @property
+    def train_info(self) -> Path:
+        return self.train_root / "train.json"
+
+    def history(self, replicate: int) -> Path:
+        return self.out / "history" / self.dataset / f"replicate_{replicate}.csv"
+
+    @property
+    def embed_dir(self) -> Path:
+        return self.out / "embed" / self.dataset
+
+    def replicate_dir(self, replicate: int) -> Path:
+        return self.embed_dir / f"replicate_{replicate}"
+
+    @property
+    def metrics(self) -> Path:
+        return self.embed_dir / "metrics.json"
+
+    @property
+    def embed_info(self) -> Path:
+        """The embed stage's own accounting for this data set, as train.json is the training's."""
+        return self.embed_dir / "embed.json"
+
+    @property
+    def promotion(self) -> Path:
+        return self.out / "promotion.json"
+
+    @property
+    def partition_metrics(self) -> Path:
+        """All training sets' metrics of the partition in one file (DVC's `metrics:`)."""
+        return self.out / "metrics.json"
+
+
+@dataclass(frozen=True)
+class StoredModel:
+    """A checkpoint of R stacked replicates with everything needed to use it on raw expression."""
+
+    meta: dict[str, Any]  # genes, regions, hidden_units, dropout, dropout_mode, transform_scaling, ...
+    state: dict[str, torch.Tensor]  # parameter name -> (R, ...)
+    scaler_mean: torch.Tensor  # (R, G)
+    scaler_std: torch.Tensor  # (R, G)
+    epochs: torch.Tensor  # (R,) epoch each replicate's weights come from
+
+    @property
+    def replicates(self) -> int:
+        return int(self.scaler_mean.shape[0])
+
+    def select(self, replicates: list[int]) -> StoredModel:
+        idx = torch.tensor(replicates)
+        return StoredModel(
+            self.meta,
+            {k: v[idx] for k, v in self.state.items()},
+            self.scaler_mean[idx],
+            self.scaler_std[idx],
+            self.epochs[idx],
+        )
+
+    def module(self, device: torch.device) -> StackedMLP:
+        m = self.meta
+        net = StackedMLP(self.replicates, len(m["genes"]), m["hidden_units"], len(m["regions"]), m["dropout"], m["dropout_mode"])
+        net.load_state_dict(self.state)
+        return net.to(device).eval()
+
+    def model_inputs(self, x: torch.Tensor, scale: bool) -> torch.Tensor:
+        """(N, G) raw expression -> (R, N, G) inputs, optionally through each replicate's scaler."""
+        x = x.expand(self.replicates, -1, -1)
+        if scale:
+            x = (x - self.scaler_mean[:, None, :].to(x.device)) / self.scaler_std[:, None, :].to(x.device)
+        return x
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            **{f"state.{k}": v for k, v in self.state.items()},
+            "scaler_mean": self.scaler_mean,
+            "scaler_std": self.scaler_std,
+            "epochs": self.epochs,
+        }
+
+
+def save_model(path: Path, meta_path: Path, model: StoredModel) -> None:
+    write_with(path, lambda tmp: torch.save(model.to_tensors(), tmp))
+    write_json(meta_path, model.meta)
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Load a tensor dict; anything that needs pickle to run code is refused."""
+    if not path.is_file():
+        raise InputError(f"{path}: checkpoint not found (expected a file written by `transdnn train`)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise InputError(f"{path}: refused to load checkpoint ({reason}); expected plain tensors") from None
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise InputError(f"{path}: checkpoint is not a dict of tensors (expected a transdnn checkpoint)")
+    return obj
+
+
+def stored_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: Path) -> StoredModel:
+    try:
+        state = {k.removeprefix("state."): v for k, v in tensors.items() if k.startswith("state.")}
+        return StoredModel(meta, state, tensors["scaler_mean"], tensors["scaler_std"], tensors["epochs"])
+    except KeyError as exc:
+        raise InputError(f"{path}: checkpoint lacks {exc} (expected a transdnn checkpoint)") from None
+
+
+def load_model(layout: RunLayout, kind: str) -> StoredModel:
+    """Load checkpoint `kind` of a training run written under `layout`."""
+    if kind not in CHECKPOINTS:
+        raise InputError(f"{layout.root}: unknown checkpoint {kind!r} (expected one of {', '.join(CHECKPOINTS)})")
+    path = layout.checkpoint(kind)
+    if not path.is_file():
+        raise InputError(
+            f"{path}: checkpoint '{kind}' was never written (expected a training with this --out that kept it: "
+            "embed.checkpoint or train.extra_checkpoints)"
+        )
+    if not layout.model_meta.is_file():
+        raise InputError(f"{layout.model_meta}: model description missing (expected a file written by `transdnn train`)")
+    meta = json.loads(layout.model_meta.read_text())
+    return stored_from_tensors(load_tensors(path), meta, path)

@@ -1,0 +1,328 @@
+"""The `transdnn` command: thin Typer layer that parses, calls the library, prints, and maps errors to exit 2."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from transdnn.errors import TransdnnError
+
+app = typer.Typer(
+    help="Detached DNN region embeddings for mouse-human brain translation.",
+    pretty_exceptions_show_locals=False,
+    no_args_is_help=True,
+)
+registry_app = typer.Typer(help="Look models up in the MLflow model registry.", no_args_is_help=True)
+app.add_typer(registry_app, name="registry")
+
+
+class Partition(str, Enum):
+    cortex = "cortex"
+    subcortex = "subcortex"
+
+
+class CheckpointKind(str, Enum):
+    best_valid = "best_valid"
+    best_rank = "best_rank"
+    last = "last"
+
+
+ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="Settings file (the single home of defaults).")]
+DataOpt = Annotated[Path | None, typer.Option("--data", help="Training h5ad ({region}_{sampleK}_{cell} ids).")]
+HumanOpt = Annotated[Path | None, typer.Option("--human", help="Human transform h5ad.")]
+MouseOpt = Annotated[Path | None, typer.Option("--mouse", help="Mouse transform h5ad.")]
+GenesOpt = Annotated[Path | None, typer.Option("--genes", help="Gene list CSV (column 'genes').")]
+HomologyOpt = Annotated[Path | None, typer.Option("--homology", help="Homology CSV (human_region, mouse_region).")]
+OutOpt = Annotated[Path | None, typer.Option("--out", help="Output folder of the partition.")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+NoTrackOpt = Annotated[bool, typer.Option("--no-track", help="Do not record to MLflow.")]
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def _run(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+    """Call library code; its typed errors become one line on stderr and exit status 2."""
+    try:
+        return fn(*args, **kwargs)
+    except TransdnnError as exc:
+        raise _fail(str(exc)) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted", 130) from None
+
+
+def _settings(params: Path):  # type: ignore[no-untyped-def]
+    from transdnn.settings import load_settings
+
+    return _run(load_settings, params)
+
+
+def _partition(params: Path, partition: Partition, out: Path | None = None, **paths: Path | None):  # type: ignore[no-untyped-def]
+    from transdnn.settings import override_paths
+
+    settings = _settings(params)
+    part = _run(override_paths, settings.partition(partition.value), train=paths.pop("data", None), out=out, **paths)
+    return settings, part
+
+
+def _configure(settings, params: Path) -> Path:  # type: ignore[no-untyped-def]
+    """Point MLflow at the store params.yaml (or the environment) names; return the project folder."""
+    from transdnn.tracking import configure
+
+    project = params.resolve().parent
+    configure(settings.tracking, project)
+    return project
+
+
+def _tracker(settings, params: Path, enabled: bool):  # type: ignore[no-untyped-def]
+    if not enabled:
+        return None
+    from transdnn.tracking import Tracker
+
+    return _run(Tracker, settings.tracking.experiment, _configure(settings, params))
+
+
+class _Progress:
+    """A progress bar over replicate-epochs, drawn from the first epoch on: inputs that fail to load
+    leave only the error line."""
+
+    def __init__(self, total: int, label: str) -> None:
+        self.total, self.label = total, label
+        self.bar = None
+
+    def on_epoch(self, epoch: int, metrics) -> None:  # type: ignore[no-untyped-def]
+        if self.bar is None:
+            self.bar = typer.progressbar(length=self.total, label=self.label, file=None)
+            self.bar.__enter__()
+        self.bar.update(len(metrics))
+
+    def flush(self) -> None:
+        return None
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+
+
+@app.command()
+def synth(
+    params: ParamsOpt = Path("params.yaml"),
+    out: Annotated[Path | None, typer.Option(help="Folder for the synthetic inputs.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    samples_per_region: Annotated[int | None, typer.Option(help="Samples per human region in the training set.")] = None,
+    cells_per_sample: Annotated[int | None, typer.Option(help="Cells per sample in the training set.")] = None,
+) -> None:
+    """Write the embedded default inputs (both partitions) at the real shapes."""
+    from transdnn.settings import PARTITIONS, SynthSettings
+    from transdnn.synth import synthesize
+
+    cfg = _settings(params).synth
+    updates = {"out": out, "seed": seed, "samples_per_region": samples_per_region, "cells_per_sample": cells_per_sample}
+    cfg = _run(lambda: SynthSettings.model_validate({**cfg.model_dump(), **{k: v for k, v in updates.items() if v is not None}}))
+    for paths in _run(synthesize, cfg, PARTITIONS):
+        typer.echo(f"{paths.partition}: wrote {paths.root / paths.partition}")
+
+
+@app.command()
+def validate(
+    partition: Partition,
+    params: ParamsOpt = Path("params.yaml"),
+    data: DataOpt = None,
+    human: HumanOpt = None,
+    mouse: MouseOpt = None,
+    genes: GenesOpt = None,
+    homology: HomologyOpt = None,
+) -> None:
+    """Check a partition's inputs against the data contract and print their shapes."""
+    from transdnn.data import check_training_regions, load_training_set
+    from transdnn.jobs import load_inputs
+
+    _, part = _partition(params, partition, data=data, human=human, mouse=mouse, genes=genes, homology=homology)
+    inputs = _run(load_inputs, part.data)
+    typer.echo(
+        f"genes: {len(inputs.genes.genes)}  human regions: {len(inputs.human.regions)}  mouse regions: {len(inputs.mouse.regions)}  pairs: {len(inputs.homology.human)}"
+    )
+    for path in part.data.train_paths:
+        ts = _run(load_training_set, path, inputs.genes)
+        _run(check_training_regions, ts, inputs.homology)
+        typer.echo(f"{path.name}: rows {ts.X.shape[0]}  regions {len(ts.regions)}  samples {ts.n_samples}")
+
+
+@app.command("train")
+def train_cmd(
+    partition: Partition,
+    params: ParamsOpt = Path("params.yaml"),
+    data: DataOpt = None,
+    human: HumanOpt = None,
+    mouse: MouseOpt = None,
+    genes: GenesOpt = None,
+    homology: HomologyOpt = None,
+    replicates: Annotated[int | None, typer.Option(help="Replicates (models) per training set.")] = None,
+    max_epochs: Annotated[int | None, typer.Option(help="Upper bound on epochs.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Run seed.")] = None,
+    device: DeviceOpt = None,
+    out: OutOpt = None,
+    shuffle_labels: Annotated[
+        bool | None, typer.Option("--shuffle-labels/--no-shuffle-labels", help="Random-classifier control.")
+    ] = None,
+    stage: Annotated[str | None, typer.Option(help="DVC stage name to tag the MLflow run with.")] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(help="Continue a killed training from its last complete epoch; keep data sets it had finished."),
+    ] = False,
+    no_track: NoTrackOpt = False,
+) -> None:
+    """Train all replicates of a partition, save checkpoints, and record runs and models in MLflow."""
+    from transdnn.hardware import resolve_device
+    from transdnn.jobs import train_partition
+    from transdnn.settings import override
+
+    settings, part = _partition(params, partition, out=out, data=data, human=human, mouse=mouse, genes=genes, homology=homology)
+    part = _run(
+        override,
+        part,
+        "train",
+        replicates=replicates,
+        max_epochs=max_epochs,
+        seed=seed,
+        device=device,
+        shuffle_labels=shuffle_labels,
+    )
+    dev = _run(resolve_device, part.train.device)
+    tracker = _tracker(settings, params, not no_track)
+    progress = _Progress(
+        part.train.replicates * part.train.max_epochs * len(part.data.train), f"{partition.value} replicate-epochs"
+    )
+    try:
+        outcomes = _run(train_partition, partition.value, part, dev, tracker, progress, stage, resume)
+    finally:
+        progress.close()
+    for o in outcomes:
+        typer.echo(
+            f"{partition.value}/{o.dataset}: {len(o.summary)} replicates, epochs {int(o.summary.epochs_run.min())}-{int(o.summary.epochs_run.max())}, "
+            f"best valid loss {o.summary.best_valid_loss.mean():.4f}, homology rank {o.chosen_ranks.mean():.2f}"
+            + (f", run {o.run_id}" if o.run_id else "")
+            + (" (trained before; kept)" if o.trained_before else "")
+        )
+
+
+@app.command()
+def embed(
+    partition: Partition,
+    params: ParamsOpt = Path("params.yaml"),
+    checkpoint: Annotated[CheckpointKind | None, typer.Option(help="Which checkpoint to embed with.")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Embed with a registry model instead, e.g. models:/transdnn-cortex@champion.")
+    ] = None,
+    human: HumanOpt = None,
+    mouse: MouseOpt = None,
+    genes: GenesOpt = None,
+    homology: HomologyOpt = None,
+    data: DataOpt = None,
+    device: DeviceOpt = None,
+    out: OutOpt = None,
+    no_track: NoTrackOpt = False,
+) -> None:
+    """Write region embeddings, correlations, the consensus and metrics.json for a trained partition."""
+    from transdnn.hardware import resolve_device
+    from transdnn.jobs import embed_partition, embed_with_model
+    from transdnn.settings import override
+
+    settings, part = _partition(params, partition, out=out, data=data, human=human, mouse=mouse, genes=genes, homology=homology)
+    part = _run(override, part, "train", device=device)
+    dev = _run(resolve_device, part.train.device)
+    if model:
+        tracker = _tracker(settings, params, True)
+        stored = _run(tracker.load_model, model)
+        metrics, folder = _run(embed_with_model, stored, model, part, dev)
+        typer.echo(
+            f"{partition.value}: {model} homology rank {metrics['homology_rank_mean']:.2f} (raw {metrics['raw_homology_rank']:.2f}) -> {folder}"
+        )
+        return
+    kind = checkpoint.value if checkpoint else part.embed.checkpoint
+    all_metrics = _run(embed_partition, partition.value, part, dev, kind, _tracker(settings, params, not no_track))
+    for dataset, m in all_metrics.items():
+        typer.echo(
+            f"{partition.value}/{dataset}: homology rank mean {m['homology_rank_mean']:.2f}, consensus {m['homology_rank_consensus']:.2f}, "
+            f"raw expression {m['raw_homology_rank']:.2f} (chance {m['chance_homology_rank']:.1f})"
+        )
+
+
+@app.command("test")
+def test_cmd(
+    partition: Partition,
+    test: Annotated[Path, typer.Option("--test", help="Held-out labelled h5ad to test on.")],
+    params: ParamsOpt = Path("params.yaml"),
+    data: DataOpt = None,
+    replicates: Annotated[int | None, typer.Option(help="Replicates.")] = None,
+    max_epochs: Annotated[int | None, typer.Option(help="Upper bound on epochs.")] = None,
+    device: DeviceOpt = None,
+    out: OutOpt = None,
+) -> None:
+    """Independent test: train on --data, then predict a held-out set (accuracy, confusion matrix)."""
+    from transdnn.hardware import resolve_device
+    from transdnn.jobs import test_partition
+    from transdnn.settings import override
+
+    _, part = _partition(params, partition, out=out, data=data)
+    part = _run(override, part, "train", replicates=replicates, max_epochs=max_epochs, device=device)
+    dev = _run(resolve_device, part.train.device)
+    report = _run(test_partition, part, test, dev)
+    for dataset, r in report.items():
+        typer.echo(f"{partition.value}/{dataset}: independent test accuracy {r['accuracy_mean']:.4f}")
+
+
+@app.command()
+def promote(
+    partition: Partition,
+    params: ParamsOpt = Path("params.yaml"),
+    run_id: Annotated[
+        str | None, typer.Option(help="Training run to promote from (default: this workspace's last training).")
+    ] = None,
+    require_better: Annotated[
+        bool, typer.Option(help="Refuse to move the alias unless the candidate beats the champion.")
+    ] = False,
+) -> None:
+    """Register a training's replicates and point the `champion` alias at the best one."""
+    from transdnn.jobs import promote_partition
+    from transdnn.registry import champion_uri
+
+    settings, part = _partition(params, partition)
+    tracker = _tracker(settings, params, True)
+    p = _run(promote_partition, partition.value, part, tracker.experiment_id, settings.promote.criterion, run_id, require_better)
+    verb = "promoted" if p.moved else "kept"
+    typer.echo(
+        f"{partition.value}: {verb} version {p.version} (replicate {p.candidate.replicate}, rank {p.candidate.rank:.2f}): {p.reason} -> {champion_uri(partition.value)}"
+    )
+
+
+@registry_app.command("show")
+def registry_show(
+    partition: Annotated[Partition | None, typer.Argument(help="One partition (default: all).")] = None,
+    params: ParamsOpt = Path("params.yaml"),
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Print aliases, versions, runs, replicates, metrics and URIs per partition."""
+    from transdnn.registry import show
+
+    _configure(_settings(params), params)
+    rows = _run(show, [partition.value] if partition else [p.value for p in Partition])
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        typer.echo("no registered champion yet: run `transdnn promote PARTITION`")
+    for r in rows:
+        typer.echo(
+            f"{r['partition']:<10} {r['alias']:<9} v{r['version']:<4} run {r['run_id']} replicate {r['replicate']} rank {r['chosen_homology_rank']} valid_loss {r['best_valid_loss']}  {r['uri']}"
+        )
+
+
+def main() -> None:
+    app()

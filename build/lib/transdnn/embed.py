@@ -1,0 +1,104 @@
+"""Embed: region embeddings of the human and mouse transform sets for each replicate, their correlation,
+the consensus over replicates, and the metrics that say whether the model beat raw expression."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from transdnn.atomic import write_csv, write_json
+from transdnn.checkpoints import RunLayout, StoredModel
+from transdnn.data import PartitionInputs, gene_columns
+from transdnn.homology import homology_rank, pair_indices, pearson, raw_rank
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    human_regions: list[str]
+    mouse_regions: list[str]
+    human: np.ndarray  # (R, H, D)
+    mouse: np.ndarray  # (R, M, D)
+    correlation: np.ndarray  # (R, H, M)
+    ranks: np.ndarray  # (R,)
+    consensus: np.ndarray  # (H, M)
+    consensus_rank: float
+    raw_rank: float
+
+
+@torch.no_grad()
+def embed_matrix(model: StoredModel, x: np.ndarray, device: torch.device) -> np.ndarray:
+    """(N, G) raw expression -> (R, N, D) embeddings, in one batched forward pass."""
+    net = model.module(device)
+    inputs = model.model_inputs(torch.as_tensor(x, device=device), model.meta["transform_scaling"] == "train")
+    return net.embed(inputs).cpu().numpy()
+
+
+def embed_inputs(model: StoredModel, inputs: PartitionInputs, device: torch.device) -> Embeddings:
+    n_h = len(inputs.human.regions)
+    regions = np.concatenate([inputs.human.means, inputs.mouse.means])
+    cols = gene_columns(model.meta["genes"], inputs.genes)
+    if not np.array_equal(cols, np.arange(regions.shape[1])):
+        regions = regions[:, cols]
+    emb = embed_matrix(model, regions, device)
+    h_idx, m_idx = pair_indices(inputs.human.regions, inputs.mouse.regions, inputs.homology.human, inputs.homology.mouse)
+    human, mouse = torch.from_numpy(emb[:, :n_h]).double(), torch.from_numpy(emb[:, n_h:]).double()
+    corr = pearson(human, mouse)
+    consensus = torch.nan_to_num(corr).mean(dim=0)
+    return Embeddings(
+        human_regions=inputs.human.regions,
+        mouse_regions=inputs.mouse.regions,
+        human=emb[:, :n_h],
+        mouse=emb[:, n_h:],
+        correlation=corr.numpy(),
+        ranks=homology_rank(corr, h_idx, m_idx).numpy(),
+        consensus=consensus.numpy(),
+        consensus_rank=float(homology_rank(consensus, h_idx, m_idx)),
+        raw_rank=raw_rank(inputs.human.means, inputs.mouse.means, h_idx, m_idx),
+    )
+
+
+def embedding_frame(values: np.ndarray, regions: list[str]) -> pd.DataFrame:
+    """The reference's layout: one row per region (index `region_id`), columns '1'..'D'."""
+    frame = pd.DataFrame(
+        values, index=pd.Index(regions, name="region_id"), columns=[str(i) for i in range(1, values.shape[1] + 1)]
+    )
+    return frame
+
+
+def correlation_frame(values: np.ndarray, emb: Embeddings) -> pd.DataFrame:
+    return pd.DataFrame(values, index=pd.Index(emb.human_regions, name="human_region"), columns=emb.mouse_regions)
+
+
+def embed_metrics(emb: Embeddings, checkpoint: str, summary: pd.DataFrame | None) -> dict[str, Any]:
+    mean = float(np.mean(emb.ranks))
+    metrics: dict[str, Any] = {
+        "checkpoint": checkpoint,
+        "homology_rank": {str(r): float(v) for r, v in enumerate(emb.ranks)},
+        "homology_rank_mean": mean,
+        "homology_rank_consensus": emb.consensus_rank,
+        "raw_homology_rank": emb.raw_rank,
+        "chance_homology_rank": (len(emb.human_regions) + 1) / 2,
+        "improvement_over_raw": (emb.raw_rank - emb.consensus_rank) / emb.raw_rank,
+        "beats_raw": bool(emb.consensus_rank < emb.raw_rank),
+    }
+    if summary is not None:
+        metrics["best_valid_loss"] = float(summary["best_valid_loss"].mean())
+        metrics["best_valid_acc"] = float(summary["best_valid_acc"].mean())
+    return metrics
+
+
+def write_embeddings(emb: Embeddings, layout: RunLayout, metrics: dict[str, Any]) -> list[str]:
+    """Per replicate: human/mouse embedding CSVs and the correlation; then consensus and metrics.json."""
+    written = []
+    for r in range(len(emb.ranks)):
+        folder = layout.replicate_dir(r)
+        written.append(write_csv(folder / "human_embedding.csv", embedding_frame(emb.human[r], emb.human_regions)))
+        written.append(write_csv(folder / "mouse_embedding.csv", embedding_frame(emb.mouse[r], emb.mouse_regions)))
+        written.append(write_csv(folder / "correlation.csv", correlation_frame(emb.correlation[r], emb)))
+    written.append(write_csv(layout.embed_dir / "consensus_correlation.csv", correlation_frame(emb.consensus, emb)))
+    written.append(write_json(layout.metrics, metrics))
+    return [str(p) for p in written]

@@ -1,0 +1,17 @@
+"""Typed errors: library code raises these; only the CLI turns them into messages and exit codes."""
+
+
+class TransdnnError(Exception):
+    """Base class: the message is the one line the user sees."""
+
+
+class InputError(TransdnnError):
+    """An input file (h5ad, CSV, checkpoint) is missing or violates the data contract."""
+
+
+class ConfigError(TransdnnError):
+    """params.yaml or a CLI option holds an unknown key, a wrong type or an impossible value."""
+
+
+class TrackingError(TransdnnError):
+    """The MLflow store or registry cannot give what was asked for."""

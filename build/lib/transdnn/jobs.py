@@ -1,0 +1,385 @@
+"""Workflows the CLI and DVC run: load -> train -> save -> track, and embed / test over saved outputs.
+
+Tracking is optional (`tracker=None` runs without MLflow): the loop reports through its sink either way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from transdnn.atomic import write_csv, write_json
+from transdnn.checkpoints import RunLayout, StoredModel, load_model, save_model
+from transdnn.data import (
+    PartitionInputs,
+    TrainingSet,
+    check_training_file,
+    load_partition_inputs,
+    load_training_set,
+    read_gene_list,
+)
+from transdnn.embed import embed_inputs, embed_metrics, write_embeddings
+from transdnn.evaluate import check_test_regions, independent_test
+from transdnn.lineage import RunSpec
+from transdnn.model import seeds_for
+from transdnn.settings import DataPaths, PartitionSettings
+from transdnn.training import TrainingSink, TrainResult, check_shapes, load_state, train
+
+EXAMPLE_ROWS = 3
+
+
+def load_inputs(data: DataPaths) -> PartitionInputs:
+    return load_partition_inputs(data.human, data.mouse, data.genes, data.homology)
+
+
+class _Fanout:
+    def __init__(self, *sinks: TrainingSink | None) -> None:
+        self.sinks = [s for s in sinks if s is not None]
+
+    def on_epoch(self, epoch: int, metrics: pd.DataFrame) -> None:
+        for s in self.sinks:
+            s.on_epoch(epoch, metrics)
+
+    def flush(self) -> None:
+        for s in self.sinks:
+            s.flush()
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    partition: str
+    dataset: str
+    layout: RunLayout
+    run_id: str | None
+    summary: pd.DataFrame
+    chosen_ranks: np.ndarray
+    trained_before: bool = False  # --resume found it finished from the same settings and files
+
+
+def _made_from(part: PartitionSettings, path: Path) -> str:
+    """Digest of what a training is made from: every setting but the list of data sets (adding one keeps
+    the others), and the size and modification time of each input file (like make: touched is changed)."""
+    files = [path, part.data.human, part.data.mouse, part.data.genes, part.data.homology]
+    stamps = {str(f): [(st := f.stat()).st_size, st.st_mtime_ns] for f in files}
+    params = part.model_dump(mode="json", exclude={"data": {"train"}})
+    blob = json.dumps({"params": params, "files": stamps}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _trained_before(partition: str, part: PartitionSettings, path: Path, layout: RunLayout) -> TrainOutcome | None:
+    """The outcome of a data set that finished earlier from the same settings and files, if it did."""
+    if not (layout.train_info.is_file() and layout.summary.is_file() and layout.checkpoint(part.embed.checkpoint).is_file()):
+        return None
+    try:
+        made_from = _made_from(part, path)
+    except OSError:  # a missing input: training it again lets the loader name it
+        return None
+    info = json.loads(layout.train_info.read_text())
+    if info.get("made_from") != made_from:
+        return None
+    ranks = np.asarray(info["chosen_homology_rank"])
+    return TrainOutcome(partition, layout.dataset, layout, info["run_id"], pd.read_csv(layout.summary), ranks, True)
+
+
+def _meta(partition: str, part: PartitionSettings, result: TrainResult, dataset: str) -> dict[str, Any]:
+    return {
+        "partition": partition,
+        "dataset": dataset,
+        "genes": result.genes,
+        "regions": result.regions,
+        "hidden_units": part.model.hidden_units,
+        "dropout": part.model.dropout,
+        "dropout_mode": part.model.dropout_mode,
+        "transform_scaling": part.train.transform_scaling,
+        "seeds": [int(s) for s in result.summary["seed"]],
+    }
+
+
+def _stored(result: TrainResult, meta: dict[str, Any], kind: str, dtype: str) -> StoredModel:
+    """Checkpoint `kind` as it is written: weights in `dtype`, scalers in float32. Everything after training
+    (the chosen ranks, embed, the logged models) uses these stored weights."""
+    weights = {name: t.to(getattr(torch, dtype)) for name, t in result.checkpoints[kind].items()}
+    return StoredModel(meta, weights, result.scaler_mean, result.scaler_std, torch.from_numpy(result.checkpoint_epochs[kind]))
+
+
+def _save_training(result: TrainResult, layout: RunLayout, stored: dict[str, StoredModel]) -> list[Path]:
+    for kind, model in stored.items():
+        save_model(layout.checkpoint(kind), layout.model_meta, model)
+    files = []
+    for r, frame in result.history.groupby("replicate"):
+        files.append(write_csv(layout.history(int(r)), frame.drop(columns="replicate"), index=False))
+    write_csv(layout.summary, result.summary, index=False)
+    return files
+
+
+def train_partition(
+    partition: str,
+    part: PartitionSettings,
+    device: torch.device,
+    tracker: Any | None = None,
+    progress: TrainingSink | None = None,
+    stage: str | None = None,
+    resume: bool = False,
+    check: Callable[[TrainingSet], None] | None = None,
+) -> list[TrainOutcome]:
+    """Train every training set of a partition; write checkpoints, history and train.json for each.
+
+    `resume=True` continues a killed training from its per-epoch state (same MLflow runs) and skips the
+    data sets that finished before from the same settings and files: a killed 100-set job redoes at most
+    the data set it was in. `check` vets each training set once it is loaded, before anything is written."""
+    inputs = load_inputs(part.data)
+    layouts = {path: RunLayout.for_training_file(part.out, path) for path in part.data.train_paths}
+    trained = {path: _trained_before(partition, part, path, layouts[path]) if resume else None for path in layouts}
+    for path, done in trained.items():
+        if done is None:  # every set to train, checked before the first trains: a bad one fails in seconds
+            check_training_file(path, inputs.genes, inputs.homology)
+    outcomes = []
+    for path, layout in layouts.items():
+        started = time.perf_counter()
+        if (done := trained[path]) is not None:
+            outcomes.append(done)
+            continue
+        train_set = load_training_set(path, inputs.genes)
+        check_shapes(train_set, part)  # before anything is written
+        if check is not None:
+            check(train_set)
+        made_from = _made_from(part, path)
+        spec = RunSpec(
+            partition=partition,
+            dataset=layout.dataset,
+            params=part.model_dump(mode="json"),
+            info={
+                "rows": train_set.X.shape[0],
+                "genes": train_set.X.shape[1],
+                "regions": len(train_set.regions),
+                "samples": train_set.n_samples,
+                "device": str(device),
+            },
+            seeds=seeds_for(part.train.seed, part.train.replicates),
+            inputs={
+                "train": path,
+                "human": part.data.human,
+                "mouse": part.data.mouse,
+                "genes": part.data.genes,
+                "homology": part.data.homology,
+            },
+            stage=stage,
+        )
+        current = layout.state.current() if resume else None
+        resume_from = load_state(current, train_set, part) if current is not None else None  # before any write
+        resume_id = (
+            json.loads(layout.run_record.read_text())["run_id"]
+            if resume_from is not None and layout.run_record.is_file()
+            else None
+        )
+        ctx = tracker.training(spec, resume_id) if tracker else nullcontext()
+        with ctx as run:
+            if run is not None or resume_from is None:  # an untracked resume keeps the killed run's record
+                write_json(layout.run_record, {"run_id": run.parent_id if run else None})
+            result = train(train_set, inputs, part, device, _Fanout(run, progress), layout.state, resume_from)
+            saving = time.perf_counter()
+            meta = _meta(partition, part, result, layout.dataset)
+            stored = {kind: _stored(result, meta, kind, part.train.checkpoint_dtype) for kind in result.checkpoints}
+            history_files = _save_training(result, layout, stored)
+            chosen_model = stored[part.embed.checkpoint]
+            chosen = embed_inputs(chosen_model, inputs, device).ranks
+            tracking = time.perf_counter()
+            if run is not None:
+                _track_training(run, result, meta, history_files, chosen, chosen_model, train_set.X[:EXAMPLE_ROWS])
+            finished = time.perf_counter()
+            write_json(
+                layout.train_info,
+                {
+                    "partition": partition,
+                    "dataset": layout.dataset,
+                    "run_id": run.parent_id if run else None,
+                    "checkpoint": part.embed.checkpoint,
+                    "chosen_homology_rank": [float(x) for x in chosen],
+                    "made_from": made_from,
+                    "epochs_run": [int(x) for x in result.summary["epochs_run"]],
+                    "seconds": result.seconds,
+                    # after the epochs: writing checkpoints and history and ranking the chosen one; logging
+                    # the run's summary, plots and one model per replicate to MLflow
+                    "after_training_seconds": {"save": tracking - saving, "track": finished - tracking},
+                    # this data set's wall time in the process (loading, training, saving, tracking):
+                    # what each further data set of a multi-set job costs, without start-up
+                    "data_set_seconds": time.perf_counter() - started,
+                },
+            )
+            layout.state.remove()  # finished: the resume state is no longer needed
+        outcomes.append(TrainOutcome(partition, layout.dataset, layout, run.parent_id if run else None, result.summary, chosen))
+    return outcomes
+
+
+def _track_training(
+    run: Any,
+    result: TrainResult,
+    meta: dict[str, Any],
+    history_files: list[Path],
+    chosen: np.ndarray,
+    stored: StoredModel,
+    example: np.ndarray,
+) -> None:
+    from transdnn.plots import curves
+
+    with tempfile.TemporaryDirectory() as tmp:
+        png = curves(
+            result.history, Path(tmp) / "curves.png", f"{meta['partition']} {meta['dataset']}: {len(history_files)} replicates"
+        )
+        run.log_summary(result.summary, chosen, history_files)
+        run.log_parent_metrics({f"seconds_{part}": value for part, value in result.seconds.items()})
+        run.log_artifacts(None, [png], "plots")
+        files = []
+        for r in range(stored.replicates):
+            folder = Path(tmp) / f"r{r}"
+            save_model(folder / "weights.pt", folder / "meta.json", stored.select([r]))
+            files.append((folder / "weights.pt", folder / "meta.json"))
+        run.log_models(files, result.genes, example, Path(tmp))
+
+
+def embed_partition(
+    partition: str, part: PartitionSettings, device: torch.device, checkpoint: str, tracker: Any | None = None
+) -> dict[str, dict[str, Any]]:
+    """Embed the transform sets with each training set's chosen checkpoint; write CSVs and metrics.json."""
+    inputs = load_inputs(part.data)
+    layouts = [RunLayout.for_training_file(part.out, path) for path in part.data.train_paths]
+    # Every training's run is looked up before anything is written: a store that lacks one (swapped or
+    # lost since the training) stops the job with no embedding of any data set half-recorded.
+    runs = [_training_run(tracker, layout) for layout in layouts]
+    all_metrics = {}
+    for layout, run in zip(layouts, runs, strict=True):
+        started = time.perf_counter()
+        stored = load_model(layout, checkpoint)
+        emb = embed_inputs(stored, inputs, device)
+        summary = pd.read_csv(layout.summary) if layout.summary.is_file() else None
+        metrics = embed_metrics(emb, checkpoint, summary)
+        write_embeddings(emb, layout, metrics)
+        tracking = time.perf_counter()
+        if run is not None:
+            _track_embedding(run, layout, emb, inputs, metrics)
+        finished = time.perf_counter()
+        # what each further data set of a multi-set job costs this stage (the inputs are loaded once per
+        # job), measured in the process: differences between processes drown it in start-up noise on a GPU
+        write_json(layout.embed_info, {"data_set_seconds": finished - started, "track_seconds": finished - tracking})
+        all_metrics[layout.dataset] = metrics
+    write_json(RunLayout(part.out, "").partition_metrics, all_metrics)
+    return all_metrics
+
+
+def _recorded_run_id(layout: RunLayout) -> str | None:
+    """The MLflow run id a training recorded in its train.json; None if untracked or not trained."""
+    return json.loads(layout.train_info.read_text()).get("run_id") if layout.train_info.is_file() else None
+
+
+def _training_run(tracker: Any | None, layout: RunLayout) -> Any | None:
+    """The MLflow run a tracked training recorded, reopened; None untracked."""
+    run_id = _recorded_run_id(layout)
+    return tracker.reopen(run_id) if tracker is not None and run_id else None
+
+
+def _track_embedding(run: Any, layout: RunLayout, emb: Any, inputs: PartitionInputs, metrics: dict[str, Any]) -> None:
+    from transdnn.plots import heatmap
+
+    for r in range(len(emb.ranks)):
+        folder = layout.replicate_dir(r)
+        run.log_artifacts(
+            r, [folder / "human_embedding.csv", folder / "mouse_embedding.csv", folder / "correlation.csv"], "embedding"
+        )
+    consensus = layout.embed_dir / "consensus_correlation.csv"
+    with tempfile.TemporaryDirectory() as tmp:
+        png = heatmap(
+            pd.read_csv(consensus, index_col=0),
+            list(zip(inputs.homology.human, inputs.homology.mouse, strict=True)),
+            Path(tmp) / "consensus_heatmap.png",
+            "consensus correlation",
+        )
+        run.log_artifacts(None, [consensus, png, layout.metrics], "embedding")
+    run.log_parent_metrics({k: v for k, v in metrics.items() if isinstance(v, float)})
+
+
+def embed_with_model(model: StoredModel, uri: str, part: PartitionSettings, device: torch.device) -> tuple[dict[str, Any], Path]:
+    """Embed with the registry model (one replicate) that `uri` named; its metrics record that URI as
+    their checkpoint. Returns the metrics and the folder they were written to."""
+    inputs = load_inputs(part.data)
+    emb = embed_inputs(model, inputs, device)
+    metrics = embed_metrics(emb, uri, None)
+    layout = RunLayout.for_model_uri(part.out, uri)
+    write_embeddings(emb, layout, metrics)
+    return metrics, layout.embed_dir
+
+
+def test_partition(
+    part: PartitionSettings, test_file: Path, device: torch.device, progress: TrainingSink | None = None
+) -> dict[str, Any]:
+    """Independent test: train on the partition's training set(s), report on a held-out labelled set."""
+    part = part.model_copy(update={"out": Path(part.out) / "independent_test"})
+    # The test set is read, and its regions held against each training set's, before that set trains:
+    # a wrong test file costs seconds, not a training.
+    test_set = load_training_set(test_file, read_gene_list(part.data.genes), min_samples=1)
+    outcomes = train_partition(
+        "independent", part, device, progress=progress, check=lambda ts: check_test_regions(test_set, ts.regions)
+    )
+    report: dict[str, Any] = {}
+    for outcome in outcomes:
+        result = independent_test(load_model(outcome.layout, part.embed.checkpoint), test_set, device)
+        folder = outcome.layout.out / "report" / outcome.dataset
+        for r, (pred, conf) in enumerate(zip(result.predictions, result.confusion, strict=True)):
+            write_csv(folder / f"replicate_{r}" / "predictions.csv", pred, index=False)
+            write_csv(folder / f"replicate_{r}" / "confusion_matrix.csv", conf)
+        report[outcome.dataset] = {
+            "accuracy": {str(r): float(a) for r, a in enumerate(result.accuracy)},
+            "accuracy_mean": float(result.accuracy.mean()),
+        }
+        write_json(folder / "test_metrics.json", report[outcome.dataset])
+    return report
+
+
+def trained_run_ids(part: PartitionSettings) -> list[str]:
+    """MLflow run ids recorded by the last `transdnn train` of this partition's outputs (train.json)."""
+    ids = []
+    for path in part.data.train_paths:
+        if run_id := _recorded_run_id(RunLayout.for_training_file(part.out, path)):
+            ids.append(run_id)
+    return ids
+
+
+def promote_partition(
+    partition: str,
+    part: PartitionSettings,
+    experiment_id: str,
+    criterion: str,
+    run_id: str | None = None,
+    require_better: bool = False,
+) -> Any:
+    """Promote from `run_id`, else from this workspace's last training, else the latest in MLflow;
+    record the outcome in `<out>/promotion.json` (the DVC promote stage's output)."""
+    from transdnn.registry import champion_uri, promote
+
+    run_ids = [run_id] if run_id else trained_run_ids(part)
+    result = promote(partition, experiment_id, criterion, run_ids or None, require_better)
+    write_json(
+        RunLayout(part.out, "").promotion,
+        {
+            "partition": partition,
+            "version": result.version,
+            "moved": result.moved,
+            "reason": result.reason,
+            "run_id": result.candidate.run_id,
+            "replicate": result.candidate.replicate,
+            "homology_rank": result.candidate.rank,
+            "valid_loss": result.candidate.valid_loss,
+            "uri": champion_uri(partition),
+        },
+    )
+    return result

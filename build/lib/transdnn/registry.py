@@ -1,0 +1,211 @@
+"""Model registry: one registered model per partition; the alias `champion` names the model to use.
+
+Promotion registers the replicates of a training run (idempotently), picks the best by the criterion
+in params.yaml, moves `champion` to it and keeps the former champion as `previous`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from transdnn.errors import TrackingError
+from transdnn.tracking import PARENT_ROLE, reader, retry
+
+CHAMPION = "champion"
+PREVIOUS = "previous"
+MAX_RUNS_NAMED = 3  # a promotion reason names up to this many training runs, else counts them
+
+
+def model_name(partition: str) -> str:
+    return f"transdnn-{partition}"
+
+
+def champion_uri(partition: str) -> str:
+    return f"models:/{model_name(partition)}@{CHAMPION}"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    run_id: str
+    replicate: int
+    model_uri: str
+    rank: float
+    valid_loss: float
+    dataset: str
+
+    def key(self, criterion: str) -> tuple[float, float]:
+        return (self.rank, self.valid_loss) if criterion == "homology_rank" else (self.valid_loss, self.rank)
+
+
+@dataclass(frozen=True)
+class Promotion:
+    version: str
+    candidate: Candidate
+    moved: bool
+    reason: str
+
+
+def latest_training(client: MlflowClient, experiment_id: str, partition: str) -> str:
+    runs = client.search_runs(
+        [experiment_id],
+        f"tags.partition = '{partition}' and tags.`transdnn.role` = '{PARENT_ROLE}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not runs:
+        raise TrackingError(
+            f"experiment {experiment_id}: no finished training run for partition '{partition}' (expected `transdnn train {partition}` first)"
+        )
+    return runs[0].info.run_id
+
+
+def candidates(client: MlflowClient, run_ids: list[str]) -> list[Candidate]:
+    """Replicates with a logged model, from one or more training runs (one per training set)."""
+    out = [c for run_id in run_ids for c in _run_candidates(client, run_id)]
+    if not out:
+        raise TrackingError(f"runs {', '.join(run_ids)}: no replicate with a logged model (expected a completed training)")
+    return out
+
+
+def _run_candidates(client: MlflowClient, run_id: str) -> list[Candidate]:
+    try:
+        parent = client.get_run(run_id)
+    except MlflowException:
+        raise TrackingError(f"run {run_id}: not found (expected a training run id)") from None
+    kids = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'", max_results=1000)
+    out = []
+    for k in kids:
+        if "model_uri" not in k.data.tags or "chosen_homology_rank" not in k.data.metrics:
+            continue
+        out.append(
+            Candidate(
+                run_id=k.info.run_id,
+                replicate=int(k.data.tags["replicate"]),
+                model_uri=k.data.tags["model_uri"],
+                rank=k.data.metrics["chosen_homology_rank"],
+                valid_loss=k.data.metrics["best_valid_loss"],
+                dataset=k.data.tags.get("dataset", ""),
+            )
+        )
+    return sorted(out, key=lambda c: c.replicate)
+
+
+def _ensure_registered_model(client: MlflowClient, name: str) -> None:
+    try:
+        retry(lambda: client.get_registered_model(name))
+    except MlflowException:
+        try:
+            retry(
+                lambda: client.create_registered_model(
+                    name, description="transdnn detached model; alias 'champion' is the one to use"
+                )
+            )
+        except MlflowException:
+            retry(lambda: client.get_registered_model(name))  # created meanwhile by a concurrent promote
+
+
+def _version_for(client: MlflowClient, name: str, cand: Candidate, partition: str) -> str:
+    """Register a replicate once, race-free: versions are found by their run id, and if two concurrent
+    promotes both created one, both keep the lowest version and delete the other."""
+
+    def existing() -> list[Any]:
+        return retry(lambda: client.search_model_versions(f"name='{name}' and run_id='{cand.run_id}'"))
+
+    found = existing()
+    if not found:
+        model_id = cand.model_uri.removeprefix("models:/")  # a LoggedModel id: servers require it with the source
+        retry(lambda: client.create_model_version(name, cand.model_uri, run_id=cand.run_id, model_id=model_id))
+        found = existing()
+    keep, *extra = sorted(found, key=lambda v: int(v.version))
+    for dup in extra:
+        with contextlib.suppress(MlflowException):  # the other promote may have deleted it first
+            client.delete_model_version(name, dup.version)
+    tags = {
+        "source_run_id": cand.run_id,
+        "partition": partition,
+        "replicate": str(cand.replicate),
+        "dataset": cand.dataset,
+        "chosen_homology_rank": f"{cand.rank:.4f}",
+        "best_valid_loss": f"{cand.valid_loss:.4f}",
+    }
+    if any(keep.tags.get(k) != v for k, v in tags.items()):
+        for k, v in tags.items():
+            retry(lambda k=k, v=v: client.set_model_version_tag(name, keep.version, k, v))
+    return keep.version
+
+
+def _current(client: MlflowClient, name: str, alias: str) -> Any | None:
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def promotion_reason(criterion: str, replicates: int, run_ids: list[str]) -> str:
+    """Why a version is champion, in one line: a job over the published 100 data sets has 100 training
+    runs, whose ids would make it 3,400 characters (each version keeps its own run id)."""
+    runs = f"run(s) {', '.join(run_ids)}" if len(run_ids) <= MAX_RUNS_NAMED else f"{len(run_ids)} training runs"
+    return f"lowest {criterion} among {replicates} replicates of {runs}"
+
+
+def promote(
+    partition: str, experiment_id: str, criterion: str, run_ids: list[str] | None = None, require_better: bool = False
+) -> Promotion:
+    """Register the replicates of `run_ids` (default: the latest training) and move `champion` to the best."""
+    client = MlflowClient()
+    run_ids = run_ids or [latest_training(client, experiment_id, partition)]
+    cands = candidates(client, run_ids)
+    best = min(cands, key=lambda c: c.key(criterion))
+    name = model_name(partition)
+    _ensure_registered_model(client, name)
+    versions = {c.run_id: _version_for(client, name, c, partition) for c in cands}
+    version = versions[best.run_id]
+    current = _current(client, name, CHAMPION)
+    if current is not None and current.version == version:
+        return Promotion(version, best, False, "already champion")
+    if current is not None and require_better:
+        cur = (float(current.tags.get("chosen_homology_rank", "inf")), float(current.tags.get("best_valid_loss", "inf")))
+        if criterion == "valid_loss":
+            cur = cur[::-1]
+        if best.key(criterion) >= cur:
+            return Promotion(
+                version, best, False, f"candidate {best.key(criterion)} does not beat champion v{current.version} {cur}"
+            )
+    reason = promotion_reason(criterion, len(cands), run_ids)
+    retry(lambda: client.set_model_version_tag(name, version, "promotion_reason", reason))
+    if current is not None:
+        retry(lambda: client.set_registered_model_alias(name, PREVIOUS, current.version))
+    retry(lambda: client.set_registered_model_alias(name, CHAMPION, version))
+    return Promotion(version, best, True, reason)
+
+
+def show(partitions: list[str]) -> list[dict[str, Any]]:
+    """Per partition and alias: version, run, replicate, metrics and URI (none before the store exists)."""
+    client = reader()
+    rows: list[dict[str, Any]] = []
+    if client is None:
+        return rows
+    for partition in partitions:
+        name = model_name(partition)
+        for alias in (CHAMPION, PREVIOUS):
+            mv = _current(client, name, alias)
+            if mv is None:
+                continue
+            rows.append(
+                {
+                    "partition": partition,
+                    "alias": alias,
+                    "version": mv.version,
+                    "run_id": mv.run_id,
+                    "replicate": mv.tags.get("replicate"),
+                    "chosen_homology_rank": mv.tags.get("chosen_homology_rank"),
+                    "best_valid_loss": mv.tags.get("best_valid_loss"),
+                    "uri": f"models:/{name}@{alias}",
+                }
+            )
+    return rows

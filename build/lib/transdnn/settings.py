@@ -1,0 +1,200 @@
+"""Typed settings: params.yaml is the single home of every default; CLI options override it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from transdnn.errors import ConfigError
+
+Checkpoint = Literal["best_valid", "best_rank", "last"]
+CHECKPOINTS: tuple[str, ...] = ("best_valid", "best_rank", "last")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataPaths(_Strict):
+    """The five inputs of one partition, in the reference layout (several training sets allowed)."""
+
+    train_dir: Path
+    train: list[str] = Field(min_length=1)
+    human: Path
+    mouse: Path
+    genes: Path
+    homology: Path
+    test: Path | None = None
+
+    @property
+    def train_paths(self) -> list[Path]:
+        """The training sets: names in `train`, found in `train_dir` (DVC tracks that folder)."""
+        return [self.train_dir / name for name in self.train]
+
+
+class ModelSettings(_Strict):
+    """Architecture. Input/output sizes come from the data; set them only to have them checked."""
+
+    input_units: int | None = Field(default=None, gt=0)
+    output_units: int | None = Field(default=None, gt=0)
+    hidden_units: list[int] = Field(min_length=1)
+    dropout: float = Field(ge=0, lt=1)
+    dropout_mode: Literal["unit", "row"]
+
+    @field_validator("hidden_units")
+    @classmethod
+    def _positive(cls, value: list[int]) -> list[int]:
+        if any(v <= 0 for v in value):
+            raise ValueError("every hidden layer needs a positive width")
+        return value
+
+
+class TrainSettings(_Strict):
+    replicates: int = Field(gt=0)
+    max_epochs: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    learning_rate: float = Field(gt=0)
+    weight_decay: float = Field(ge=0)
+    lr_step: int = Field(gt=0)
+    lr_gamma: float = Field(gt=0, le=1)
+    patience: int = Field(gt=0)
+    valid_ratio: float = Field(gt=0, lt=1)
+    shuffle_labels: bool
+    seed: int = Field(ge=0)
+    device: str
+    precision: Literal["fp32", "bf16"]
+    transform_scaling: Literal["none", "train"]
+    state_every_s: float | None = Field(ge=0)
+    extra_checkpoints: list[Checkpoint]
+    checkpoint_dtype: Literal["float32", "float16"]
+
+
+class EmbedSettings(_Strict):
+    checkpoint: Checkpoint
+
+
+class PartitionSettings(_Strict):
+    """Everything one detached model needs: its inputs, architecture, training and embedding."""
+
+    data: DataPaths
+    model: ModelSettings
+    train: TrainSettings
+    embed: EmbedSettings
+    out: Path
+
+    @property
+    def checkpoint_kinds(self) -> tuple[str, ...]:
+        """The checkpoints training writes: the one embedding uses, plus any extra ones asked for."""
+        wanted = {self.embed.checkpoint, *self.train.extra_checkpoints}
+        return tuple(k for k in CHECKPOINTS if k in wanted)
+
+
+class SynthSettings(_Strict):
+    out: Path
+    seed: int = Field(ge=0)
+    samples_per_region: int = Field(ge=2)
+    cells_per_sample: int = Field(gt=0)
+    other_rows: int = Field(ge=0)
+    transform_samples_per_region: int = Field(gt=0)
+    datasets: int = Field(gt=0)
+
+
+class TrackingSettings(_Strict):
+    uri: str | None = None
+    experiment: str
+
+
+class PromoteSettings(_Strict):
+    criterion: Literal["homology_rank", "valid_loss"]
+
+
+class Settings(_Strict):
+    tracking: TrackingSettings
+    synth: SynthSettings
+    promote: PromoteSettings
+    cortex: PartitionSettings
+    subcortex: PartitionSettings
+
+    def partition(self, name: str) -> PartitionSettings:
+        return getattr(self, name)
+
+
+PARTITIONS: tuple[str, ...] = ("cortex", "subcortex")
+
+
+def _resolve_paths(raw: dict[str, Any], root: Path) -> dict[str, Any]:
+    """Make every relative path in params.yaml relative to the file's own folder."""
+
+    def fix(value: Any) -> Any:
+        return str(value if Path(value).is_absolute() else root / value)
+
+    out = dict(raw)
+    if isinstance(out.get("synth"), dict) and "out" in out["synth"]:
+        out["synth"] = {**out["synth"], "out": fix(out["synth"]["out"])}
+    for name in PARTITIONS:
+        part = out.get(name)
+        if not isinstance(part, dict):
+            continue
+        part = dict(part)
+        if "out" in part:
+            part["out"] = fix(part["out"])
+        data = part.get("data")
+        if isinstance(data, dict):
+            data = dict(data)
+            for key, value in data.items():
+                if key != "train" and isinstance(value, str):
+                    data[key] = fix(value)
+            part["data"] = data
+        out[name] = part
+    return out
+
+
+def _first_error(path: Path, err: ValidationError) -> ConfigError:
+    first = err.errors()[0]
+    field = ".".join(str(p) for p in first["loc"])
+    return ConfigError(f"{path}: field '{field}': {first['msg']} (got {first.get('input')!r})")
+
+
+def load_settings(path: str | Path = "params.yaml") -> Settings:
+    """Read and validate params.yaml; relative paths are taken from the file's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: settings file not found (expected a params.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    try:
+        return Settings.model_validate(_resolve_paths(raw, path.resolve().parent))
+    except ValidationError as err:
+        raise _first_error(path, err) from None
+
+
+def override(part: PartitionSettings, section: str, **values: Any) -> PartitionSettings:
+    """Return `part` with the non-None `values` replacing fields of `section`, re-validated."""
+    updates = {k: v for k, v in values.items() if v is not None}
+    if not updates:
+        return part
+    dumped = part.model_dump()
+    dumped[section] = {**dumped[section], **updates}
+    try:
+        return PartitionSettings.model_validate(dumped)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"option '{field}': {first['msg']} (got {first.get('input')!r})") from None
+
+
+def override_paths(
+    part: PartitionSettings, train: Path | None = None, out: Path | None = None, **paths: Any
+) -> PartitionSettings:
+    """Replace input paths (one training set, the output folder) given on the command line."""
+    if train is not None:
+        paths.update(train_dir=Path(train).parent, train=[Path(train).name])
+    part = override(part, "data", **paths)
+    return part if out is None else part.model_copy(update={"out": Path(out)})

@@ -1,0 +1,454 @@
+"""MLflow tracking: the only module (with its pyfunc model and the registry) that touches mlflow.
+
+Configured by an explicit `configure()` call from the CLI, never at import. One parent run per
+partition and training set, one nested child run per replicate, per-epoch metrics with step=epoch.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import hashlib
+import os
+import ssl
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import warnings
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import mlflow
+import numpy as np
+import pandas as pd
+import yaml
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
+from mlflow.models.signature import ModelSignature
+from mlflow.tracking import MlflowClient
+from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+
+import transdnn
+from transdnn.errors import TrackingError
+from transdnn.lineage import RunSpec
+from transdnn.settings import TrackingSettings
+from transdnn.training import EPOCH_METRICS
+
+T = TypeVar("T")
+PARENT_ROLE = "training"
+FLUSH_SECONDS = 30.0  # how stale the MLflow UI's per-epoch curves may be during a training
+MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch
+_MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
+_PACKAGE_DIR = Path(__file__).parent
+
+
+def project_home(project: Path) -> Path:
+    """The real project folder, also from inside a `dvc exp run --temp/--queue` copy under .dvc/tmp/exps."""
+    parts = project.resolve().parts
+    for i in range(len(parts) - 2):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return project.resolve()
+
+
+def default_uri(project: Path) -> str:
+    """An absolute SQLite store in the project, so `dvc exp run --temp/--queue` records into one place."""
+    return f"sqlite:///{project_home(project) / 'mlflow.db'}"
+
+
+def configure(settings: TrackingSettings, project: Path) -> str:
+    """Point MLflow at the store: MLFLOW_TRACKING_URI, else params.yaml's `tracking.uri`, else the default."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or settings.uri or default_uri(project)
+    mlflow.set_tracking_uri(uri)
+    # MLflow draws two "Downloading artifacts" bars per logged model (10 per training) on stderr.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    return uri
+
+
+def shown(uri: str) -> str:
+    """A store URI fit for a message: a password in it is masked."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is None:
+        return uri
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))
+
+
+def _check_answers(uri: str, timeout: float = 10.0) -> None:
+    """Fail in seconds when nothing answers at an http(s) store: MLflow retries a refused connection for
+    ~4.5 minutes before it gives up. Any HTTP answer counts (401 and 404 included), and so does a TLS
+    error, which MLflow's own certificate settings may resolve: those are MLflow's to report."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return
+    except OSError as exc:  # URLError (refused, unknown host, TLS) or a timeout while reading the answer
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        if reason is not exc and isinstance(reason, ssl.SSLError):
+            return
+        raise TrackingError(
+            f"{shown(uri)}: no MLflow server answers ({reason}); expected one at tracking.uri or MLFLOW_TRACKING_URI"
+        ) from None
+
+
+def reader() -> MlflowClient | None:
+    """A client for looking things up, or None when the configured store is a local SQLite file that does
+    not exist yet: nothing is recorded there, and opening it would create and migrate an empty store."""
+    uri = mlflow.get_tracking_uri()
+    _check_answers(uri)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        return None
+    return MlflowClient()
+
+
+def retry(call: Callable[[], T], attempts: int = 8, delay: float = 0.2) -> T:
+    """Retry a store call while SQLite reports it is locked or busy (parallel writers)."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except MlflowException as exc:
+            text = str(exc).lower()
+            if attempt == attempts - 1 or not ("locked" in text or "busy" in text):
+                raise
+            time.sleep(delay * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+@contextmanager
+def _store_lock() -> Iterator[None]:
+    """Serialise first contact with a local SQLite store: two processes creating a fresh mlflow.db at once
+    (e.g. `dvc queue start -j 2`) would both run its migrations and one fails."""
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock_path = Path(uri.removeprefix("sqlite:///") + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def ensure_experiment(client: MlflowClient, name: str, project: Path) -> str:
+    """Get or create the experiment, race-free; artifacts go beside the store, at an absolute path."""
+    found = retry(lambda: client.get_experiment_by_name(name))
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if mlflow.get_tracking_uri().startswith("sqlite:"):
+        location = (project_home(project) / "mlartifacts").as_uri()
+    try:
+        return retry(lambda: client.create_experiment(name, artifact_location=location))
+    except MlflowException:
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def file_digest(path: Path) -> str:
+    """Streaming md5 of a file: the same value DVC 3 records for it in dvc.lock and .dvc files.
+
+    Remembered for the process by path, size, modification time and inode (as DVC's own state does): a
+    job over 100 training sets reads the transform sets, gene list and homology they share once."""
+    st = path.stat()
+    return _digest(str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+@functools.lru_cache(maxsize=1024)
+def _digest(path: str, size: int, mtime_ns: int, inode: int) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def git_commit(project: Path) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
+def flatten(prefix: str, value: Any) -> dict[str, str]:
+    if isinstance(value, dict):
+        out: dict[str, str] = {}
+        for k, v in value.items():
+            out.update(flatten(f"{prefix}.{k}" if prefix else str(k), v))
+        return out
+    return {prefix: str(value)}
+
+
+def _local_source(path: Path) -> Any:
+    """The dataset source of a local input file. MLflow registers two local-file source classes and
+    warns, for every input, that it picked the first: the pick is right, the warning is noise."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+        return resolve_dataset_source(str(path.resolve()))
+
+
+class _LibyamlDump:
+    """PyYAML as MLflow's model module sees it, with `safe_dump` done by libyaml's emitter."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(yaml, name)
+
+    @staticmethod
+    def safe_dump(data: Any, stream: Any = None, **kwargs: Any) -> Any:
+        return yaml.dump_all([data], stream, Dumper=yaml.CSafeDumper, **kwargs)
+
+
+@contextmanager
+def _libyaml_emitter() -> Iterator[None]:
+    """MLflow writes each MLmodel file with PyYAML's pure-Python emitter, which scans the signature
+    (one column per gene, ~300 kB of JSON) a character at a time: 0.2 s per dump, two dumps per model.
+    libyaml's emitter writes the identical document in milliseconds; used only where it is built in."""
+    import mlflow.models.model as model_module
+
+    if not yaml.__with_libyaml__:
+        yield
+        return
+    saved = model_module.yaml
+    model_module.yaml = _LibyamlDump()
+    try:
+        yield
+    finally:
+        model_module.yaml = saved
+
+
+def model_signature(genes: list[str]) -> ModelSignature:
+    """One float column per gene and the `output` param: what `infer_signature` finds for an example frame,
+    built directly (inferring it scans every column of the example, ~0.2 s for 5k genes)."""
+    return ModelSignature(
+        inputs=Schema([ColSpec(DataType.float, gene) for gene in genes]),
+        params=ParamSchema([ParamSpec("output", DataType.string, "embedding")]),
+    )
+
+
+class TrainingRun:
+    """A parent run and its replicate children; implements the training loop's sink."""
+
+    def __init__(self, client: MlflowClient, parent_id: str, children: list[str]) -> None:
+        self.client = client
+        self.parent_id = parent_id
+        self.children = children
+        self._pending: dict[int, list[Metric]] = {}
+        self._flushed = time.monotonic()
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="transdnn-metrics")  # threads start on first use
+        self._in_flight: Future[None] | None = None
+
+    def on_epoch(self, epoch: int, metrics: pd.DataFrame) -> None:
+        """Per-epoch metrics go out every FLUSH_SECONDS (and at each resume state and at the end), not
+        every epoch, and from a writer thread: the store's round trips overlap the next epochs."""
+        now = int(time.time() * 1000)
+        for row in metrics.itertuples(index=False):
+            self._pending.setdefault(int(row.replicate), []).extend(
+                Metric(k, float(getattr(row, k)), now, epoch) for k in EPOCH_METRICS
+            )
+        if time.monotonic() - self._flushed >= FLUSH_SECONDS:
+            self._send()
+
+    def flush(self) -> None:
+        """Everything reported so far is in the store when this returns (a failed write raises here)."""
+        self._send()
+        self._wait()
+
+    def _send(self) -> None:
+        self._wait()  # one batch in flight at a time: the store sees the epochs in order
+        batch, self._pending = self._pending, {}
+        self._in_flight = self._writer.submit(self._write, batch)
+        self._flushed = time.monotonic()
+
+    def _wait(self) -> None:
+        if self._in_flight is not None:
+            future, self._in_flight = self._in_flight, None
+            future.result()
+
+    def _write(self, batch: dict[int, list[Metric]]) -> None:
+        for r, values in batch.items():
+            for start in range(0, len(values), MAX_METRICS_PER_BATCH):
+                chunk = values[start : start + MAX_METRICS_PER_BATCH]
+                retry(lambda chunk=chunk, r=r: self.client.log_batch(self.children[r], metrics=chunk))
+
+    def log_summary(self, summary: pd.DataFrame, chosen_ranks: np.ndarray, history_files: list[Path]) -> None:
+        """Final metrics and history artifacts of each replicate."""
+        now = int(time.time() * 1000)
+        for row, rank, hist in zip(summary.itertuples(index=False), chosen_ranks, history_files, strict=True):
+            child = self.children[int(row.replicate)]
+            values = {
+                "best_valid_loss": row.best_valid_loss,
+                "best_valid_acc": row.best_valid_acc,
+                "best_homology_rank": row.best_homology_rank,
+                "chosen_homology_rank": float(rank),
+                "epochs_run": row.epochs_run,
+                "early_stopped": float(row.early_stopped),
+            }
+            retry(
+                lambda child=child, values=values: self.client.log_batch(
+                    child, metrics=[Metric(k, float(v), now, 0) for k, v in values.items()]
+                )
+            )
+            self.client.log_artifact(child, str(hist), "history")
+
+    def log_models(self, replicate_files: list[tuple[Path, Path]], genes: list[str], example: np.ndarray, folder: Path) -> None:
+        """Log each replicate's chosen checkpoint as a pyfunc model (model from code, weights-only).
+
+        The signature names every gene column. The few-row input example is logged beside the model as
+        `model_input_example.csv` rather than through `input_example=`: MLflow's serving validation of a
+        4,542-column example costs ~5 s per model, 10 models per training.
+        """
+        example_csv = folder / "model_input_example.csv"
+        pd.DataFrame(example, columns=genes).to_csv(example_csv, index=False)
+        signature = model_signature(genes)
+        for r, (weights, meta) in enumerate(replicate_files):
+            with mlflow.start_run(run_id=self.children[r], nested=True), _libyaml_emitter(), warnings.catch_warnings():
+                # the example is logged beside the model (see above); MLflow warns that the model has none
+                warnings.filterwarnings("ignore", message=".*An input example was not provided")  # after a colour code
+                info = mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=str(_MODEL_CODE),
+                    artifacts={"weights": str(weights), "meta": str(meta)},
+                    code_paths=[str(_PACKAGE_DIR)],
+                    signature=signature,
+                    pip_requirements=["torch", "pandas<3", "numpy", "mlflow", "anndata", "pydantic", "pyyaml", "h5py", "scipy"],
+                )
+            self.client.log_artifact(self.children[r], str(example_csv))
+            self.client.set_tag(self.children[r], "model_uri", info.model_uri)
+
+    def log_artifacts(self, replicate: int | None, files: list[Path], folder: str | None = None) -> None:
+        run = self.parent_id if replicate is None else self.children[replicate]
+        for f in files:
+            self.client.log_artifact(run, str(f), folder)
+
+    def log_parent_metrics(self, metrics: dict[str, float]) -> None:
+        now = int(time.time() * 1000)
+        retry(lambda: self.client.log_batch(self.parent_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()]))
+
+    def end(self, status: str) -> None:
+        try:
+            self.flush()
+        finally:
+            self._writer.shutdown()
+        for run in [*self.children, self.parent_id]:
+            retry(lambda run=run: self.client.set_terminated(run, status))
+
+
+class Tracker:
+    """Opens and reopens runs in one experiment of the configured store."""
+
+    def __init__(self, experiment: str, project: Path) -> None:
+        uri = mlflow.get_tracking_uri()
+        _check_answers(uri)
+        try:
+            with _store_lock():  # creating the client may create and migrate a fresh store
+                self.client = MlflowClient()
+                self.experiment_id = ensure_experiment(self.client, experiment, project)
+        except MlflowException as exc:
+            reason = str(exc).splitlines()[0][:200]
+            raise TrackingError(
+                f"{shown(uri)}: the store refused the experiment {experiment!r} ({reason}); expected a store this user may "
+                "write to at tracking.uri or MLFLOW_TRACKING_URI"
+            ) from None
+        self.project = project
+
+    @contextmanager
+    def training(self, spec: RunSpec, resume_run_id: str | None = None) -> Iterator[TrainingRun]:
+        """A parent run with one child per replicate; ends FINISHED, FAILED or KILLED, never RUNNING.
+
+        `resume_run_id` reopens the runs of a killed training instead of creating new ones."""
+        run = self._resume(resume_run_id) if resume_run_id else self._create(spec)
+        try:
+            yield run
+        except KeyboardInterrupt:
+            run.end("KILLED")
+            raise
+        except BaseException:
+            run.end("FAILED")
+            raise
+        run.end("FINISHED")
+
+    def _resume(self, run_id: str) -> TrainingRun:
+        run = self.reopen(run_id)
+        for rid in [run.parent_id, *run.children]:
+            retry(lambda rid=rid: self.client.update_run(rid, status="RUNNING"))
+        return run
+
+    def _create(self, spec: RunSpec) -> TrainingRun:
+        partition, dataset, inputs = spec.partition, spec.dataset, spec.inputs
+        tags = {
+            "partition": partition,
+            "dataset": dataset,
+            "transdnn.role": PARENT_ROLE,
+            "mlflow.runName": f"{partition}-{dataset}",
+        }
+        if spec.stage:
+            tags["dvc.stage"] = spec.stage
+        digests = {name: file_digest(path) for name, path in inputs.items()}
+        tags.update({f"md5.{name}": d for name, d in digests.items()})
+        parent = retry(lambda: self.client.create_run(self.experiment_id, tags=tags))
+        pid = parent.info.run_id
+        flat = {
+            **flatten("", spec.params),
+            **{k: str(v) for k, v in spec.info.items()},
+            "transdnn_version": transdnn.__version__,
+            "git_commit": git_commit(self.project),
+        }
+        items = list(flat.items())
+        for start in range(0, len(items), 100):
+            retry(
+                lambda chunk=items[start : start + 100]: self.client.log_batch(pid, params=[Param(k, v[:6000]) for k, v in chunk])
+            )
+        with mlflow.start_run(run_id=pid):
+            for name, path in inputs.items():
+                ds = MetaDataset(_local_source(path), name=f"{name}:{path.name}", digest=digests[name])
+                mlflow.log_input(ds, context="training" if name.startswith("train") else name)
+        children = []
+        for r, seed in enumerate(spec.seeds):
+            ctags = {
+                "partition": partition,
+                "dataset": dataset,
+                "replicate": str(r),
+                "seed": str(seed),
+                "mlflow.parentRunId": pid,
+                "mlflow.runName": f"{partition}-{dataset}-r{r}",
+            }
+            child = retry(lambda ctags=ctags: self.client.create_run(self.experiment_id, tags=ctags))
+            retry(
+                lambda cid=child.info.run_id, r=r, seed=seed: self.client.log_batch(
+                    cid, params=[Param("replicate", str(r)), Param("seed", str(seed))]
+                )
+            )
+            children.append(child.info.run_id)
+        return TrainingRun(self.client, pid, children)
+
+    def reopen(self, run_id: str) -> TrainingRun:
+        """The run of an earlier training (for embed): its children in replicate order."""
+        try:
+            parent = self.client.get_run(run_id)
+        except MlflowException:
+            raise TrackingError(
+                f"run {run_id}: not found in {shown(mlflow.get_tracking_uri())} (expected a training run id)"
+            ) from None
+        kids = self.client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'", max_results=1000)
+        kids = sorted(kids, key=lambda k: int(k.data.tags["replicate"]))
+        return TrainingRun(self.client, run_id, [k.info.run_id for k in kids])
+
+    def load_model(self, uri: str) -> Any:
+        """Load a logged or registered replicate model through MLflow (never by reading the store's files)."""
+        try:
+            return mlflow.pyfunc.load_model(uri).unwrap_python_model().model
+        except MlflowException as exc:
+            raise TrackingError(f"{uri}: cannot load model ({str(exc).splitlines()[0][:160]})") from None

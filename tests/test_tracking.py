@@ -118,6 +118,12 @@ def test_promote_champion_loads_and_reproduces_run_embeddings(params: Path, trac
     assert json.loads((registry / "champion" / "metrics.json").read_text())["checkpoint"] == "models:/transdnn-cortex@champion"
     again = pd.read_csv(registry / f"version_{champion.version}" / "replicate_0" / "human_embedding.csv", index_col=0)
     assert np.allclose(again.to_numpy(), via_registry.to_numpy())
+    # a cortex model does not embed the subcortex inputs, even where (as here) their genes would fit it
+    wrong = runner.invoke(app, ["embed", "subcortex", "--params", str(params), "--model", "models:/transdnn-cortex@champion"])
+    assert wrong.exit_code == 2 and wrong.stderr.strip() == (
+        "error: models:/transdnn-cortex@champion: a model of partition 'cortex' (expected one of 'subcortex' to embed subcortex)"
+    )
+    assert not (tmp_path / "runs" / "subcortex").exists()
 
 
 @pytest.mark.parametrize(

@@ -240,7 +240,7 @@ def embed(
     if model:
         tracker = _tracker(settings, params, True)
         stored = _run(tracker.load_model, model)
-        metrics, folder = _run(embed_with_model, stored, model, part, dev)
+        metrics, folder = _run(embed_with_model, stored, model, partition.value, part, dev)
         typer.echo(
             f"{partition.value}: {model} homology rank {metrics['homology_rank_mean']:.2f} (raw {metrics['raw_homology_rank']:.2f}) -> {folder}"
         )

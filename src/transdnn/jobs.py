@@ -30,6 +30,7 @@ from transdnn.data import (
     read_gene_list,
 )
 from transdnn.embed import embed_inputs, embed_metrics, write_embeddings
+from transdnn.errors import InputError
 from transdnn.evaluate import check_test_regions, independent_test
 from transdnn.lineage import RunSpec
 from transdnn.model import seeds_for
@@ -308,9 +309,14 @@ def _track_embedding(run: Any, layout: RunLayout, emb: Any, inputs: PartitionInp
     run.log_parent_metrics({k: v for k, v in metrics.items() if isinstance(v, float)})
 
 
-def embed_with_model(model: StoredModel, uri: str, part: PartitionSettings, device: torch.device) -> tuple[dict[str, Any], Path]:
+def embed_with_model(
+    model: StoredModel, uri: str, partition: str, part: PartitionSettings, device: torch.device
+) -> tuple[dict[str, Any], Path]:
     """Embed with the registry model (one replicate) that `uri` named; its metrics record that URI as
     their checkpoint. Returns the metrics and the folder they were written to."""
+    trained_on = model.meta.get("partition")
+    if trained_on != partition:
+        raise InputError(f"{uri}: a model of partition {trained_on!r} (expected one of {partition!r} to embed {partition})")
     inputs = load_inputs(part.data)
     emb = embed_inputs(model, inputs, device)
     metrics = embed_metrics(emb, uri, None)

@@ -93,20 +93,20 @@ class _Progress:
     leave only the error line."""
 
     def __init__(self, total: int, label: str) -> None:
-        self.total, self.label = total, label
-        self.bar = None
+        self.bar = typer.progressbar(length=total, label=label, file=None)  # drawn when entered
+        self.drawn = False
 
     def on_epoch(self, epoch: int, metrics) -> None:  # type: ignore[no-untyped-def]
-        if self.bar is None:
-            self.bar = typer.progressbar(length=self.total, label=self.label, file=None)
+        if not self.drawn:
             self.bar.__enter__()
+            self.drawn = True
         self.bar.update(len(metrics))
 
     def flush(self) -> None:
         return None
 
     def close(self) -> None:
-        if self.bar is not None:
+        if self.drawn:
             self.bar.__exit__(None, None, None)
 
 

@@ -22,6 +22,7 @@ import scipy.sparse as sp
 from transdnn.errors import InputError
 
 UNLABELLED = "other"
+SPLIT_MIN_SAMPLES = 2  # samples per region a set to be split needs, so each side sees every region
 _CAN_DROP_PAGES = hasattr(mmap, "MADV_DONTNEED")  # madvise is POSIX-only
 _MAX_GATHER_THREADS = 8  # the gather is memory-bound: more threads than this only contend
 _SHOW = 3
@@ -305,11 +306,10 @@ class _Labels:
     sample_region: np.ndarray
 
 
-def load_training_set(path: Path, genes: GeneList, min_samples: int = 2) -> TrainingSet:
+def load_training_set(path: Path, genes: GeneList, min_samples: int = SPLIT_MIN_SAMPLES) -> TrainingSet:
     """Load a training h5ad: drop `other` rows, parse `{region}_{sampleK}_{cell}` ids, select genes.
 
-    A set to be split needs `min_samples` = 2 samples per region, so each side sees every region; a
-    held-out test set (the same layout, never split) may have one."""
+    A held-out test set (the same layout, never split) may have `min_samples=1`."""
     with _backed(path) as adata:
         obs = _training_labels(adata, path, min_samples)
         X = _select_genes(adata, obs.rows, genes, path)
@@ -329,7 +329,7 @@ def check_training_file(path: Path, genes: GeneList, homology: Homology) -> None
     many training sets checks them all before it trains the first, and a bad 57th set fails in
     seconds, not hours. (Values, NaN or inf, are checked as each set is read.)"""
     with _backed(path) as adata:
-        obs = _training_labels(adata, path, 2)
+        obs = _training_labels(adata, path, SPLIT_MIN_SAMPLES)
         _gene_positions(adata, genes, path)
     _check_regions(obs.regions, path, homology)
 

@@ -99,12 +99,18 @@ def _check_answers(uri: str, timeout: float = 10.0) -> None:
         ) from None
 
 
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file of a local SQLite store URI (`sqlite:///path`); None for any other store."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
 def reader() -> MlflowClient | None:
     """A client for looking things up, or None when the configured store is a local SQLite file that does
     not exist yet: nothing is recorded there, and opening it would create and migrate an empty store."""
     uri = mlflow.get_tracking_uri()
     _check_answers(uri)
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+    database = _sqlite_file(uri)
+    if database is not None and not database.is_file():
         return None
     return MlflowClient()
 
@@ -126,11 +132,11 @@ def retry(call: Callable[[], T], attempts: int = 8, delay: float = 0.2) -> T:
 def _store_lock() -> Iterator[None]:
     """Serialise first contact with a local SQLite store: two processes creating a fresh mlflow.db at once
     (e.g. `dvc queue start -j 2`) would both run its migrations and one fails."""
-    uri = mlflow.get_tracking_uri()
-    if not uri.startswith("sqlite:///"):
+    database = _sqlite_file(mlflow.get_tracking_uri())
+    if database is None:
         yield
         return
-    lock_path = Path(uri.removeprefix("sqlite:///") + ".lock")
+    lock_path = Path(f"{database}.lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)

@@ -84,6 +84,60 @@ def test_resume_keeps_the_data_sets_a_killed_job_had_finished(params: Path, tiny
     assert "trained before" not in result.stdout, "other settings: every data set is trained again"
 
 
+def test_code_digest_changes_with_any_module(tmp_path: Path):
+    from transdnn import jobs
+
+    package = Path(jobs.__file__).parent
+    copy = tmp_path / "transdnn"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert jobs.code_digest(copy) == jobs.code_digest(package), "the same source, wherever installed"
+    with (copy / "split.py").open("a") as fh:
+        fh.write("# changed\n")
+    jobs.code_digest.cache_clear()
+    assert jobs.code_digest(copy) != jobs.code_digest(package)
+
+
+def test_resume_trains_again_after_transdnn_code_changes(params: Path, tmp_path: Path, monkeypatch):
+    """The DVC train stage reruns on a changed module; the data sets the old code trained are not kept."""
+    from transdnn import jobs
+
+    assert runner.invoke(app, ["train", "cortex", "--params", str(params), "--no-track"]).exit_code == 0
+    kept = runner.invoke(app, ["train", "cortex", "--params", str(params), "--no-track", "--resume"])
+    assert kept.exit_code == 0 and "(trained before; kept)" in kept.stdout, kept.stderr
+    monkeypatch.setattr(jobs, "code_digest", lambda: "another version of transdnn")
+    again = runner.invoke(app, ["train", "cortex", "--params", str(params), "--no-track", "--resume"])
+    assert again.exit_code == 0, again.stderr
+    assert "cortex/Integrated_dataset_0: 2 replicates" in again.stdout and "trained before" not in again.stdout
+
+
+def test_a_kept_data_set_needs_its_history(params: Path, tmp_path: Path):
+    """The history folder is not in DVC's cache: an experiment's workspace may lack it, so retrain."""
+    assert runner.invoke(app, ["train", "cortex", "--params", str(params), "--no-track"]).exit_code == 0
+    (tmp_path / "runs" / "cortex" / "history" / "Integrated_dataset_0" / "replicate_1.csv").unlink()
+    again = runner.invoke(app, ["train", "cortex", "--params", str(params), "--no-track", "--resume"])
+    assert again.exit_code == 0 and "trained before" not in again.stdout, again.stderr
+    assert (tmp_path / "runs" / "cortex" / "history" / "Integrated_dataset_0" / "replicate_1.csv").is_file()
+
+
+def test_the_dvc_stage_removes_the_outputs_of_data_sets_no_longer_listed(params: Path, tiny: TinyData, tmp_path: Path):
+    shutil.copy(tiny.train, tiny.train.with_name("Integrated_dataset_1.h5ad"))
+    raw = yaml.safe_load(params.read_text())
+    raw["cortex"]["data"]["train"] = ["Integrated_dataset_0.h5ad", "Integrated_dataset_1.h5ad"]
+    params.write_text(yaml.safe_dump(raw))
+    stage = ["train", "cortex", "--params", str(params), "--no-track", "--resume", "--stage", "train@cortex"]
+    assert runner.invoke(app, stage).exit_code == 0
+    out = tmp_path / "runs" / "cortex"
+    raw["cortex"]["data"]["train"] = ["Integrated_dataset_1.h5ad"]
+    params.write_text(yaml.safe_dump(raw))
+    plain = runner.invoke(app, ["train", "cortex", "--params", str(params), "--no-track", "--resume"])
+    assert plain.exit_code == 0, plain.stderr
+    assert (out / "train" / "Integrated_dataset_0").is_dir(), "outside DVC, another job's outputs are not touched"
+    result = runner.invoke(app, stage)
+    assert result.exit_code == 0 and "(trained before; kept)" in result.stdout, result.stderr
+    for tree in ("train", "history"):
+        assert sorted(p.name for p in (out / tree).iterdir()) == ["Integrated_dataset_1"], tree
+
+
 def test_checkpoints_are_float16_unless_asked_otherwise(params: Path, tmp_path: Path):
     ckpt = tmp_path / "runs" / "cortex" / "train" / "Integrated_dataset_0" / "checkpoints"
     assert runner.invoke(app, ["train", "cortex", "--params", str(params), "--no-track"]).exit_code == 0

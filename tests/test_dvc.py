@@ -35,7 +35,7 @@ def dvc_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(REPO / name, repo / name)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["synth"].update(samples_per_region=2, cells_per_sample=3, transform_samples_per_region=2, other_rows=4)
+    params["synth"].update(samples_per_region=2, cells_per_sample=3, transform_samples_per_region=2, other_rows=4, datasets=2)
     for name in ("cortex", "subcortex"):
         params[name]["train"].update(replicates=2, max_epochs=2, device="cpu")
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -95,15 +95,40 @@ def test_metrics_plots_and_champions(dvc_repo: Path):
     assert client.get_model_version_by_alias("transdnn-cortex", "champion")
 
 
-def test_a_killed_train_stage_is_finished_by_resume_then_committed(dvc_repo: Path):
-    """The recovery README gives for a killed `dvc repro`: `transdnn train --resume`, then `dvc commit`."""
+def test_a_killed_train_stage_is_finished_by_dvc_repro(dvc_repo: Path):
+    """The train stage keeps its outputs and resumes: a data set a kill left unfinished is trained again."""
     (dvc_repo / "runs" / "cortex" / "train" / "Integrated_dataset_0" / "train.json").unlink()  # killed mid-set
     assert "train@cortex" in json.loads(_sh(dvc_repo, "dvc", "status", "--json"))
-    _sh(dvc_repo, "transdnn", "train", "cortex", "--resume", "--stage", "train@cortex")
-    _sh(dvc_repo, "dvc", "commit", "-f", "train@cortex")
-    assert "train@cortex" not in json.loads(_sh(dvc_repo, "dvc", "status", "--json"))
     rerun = _sh(dvc_repo, "dvc", "repro")
-    assert "Stage 'train@cortex' didn't change" in rerun and "Running stage 'embed@cortex'" in rerun
+    assert "Running stage 'train@cortex'" in rerun and "Stage 'train@subcortex' didn't change" in rerun
+    assert "cortex/Integrated_dataset_0: 2 replicates" in rerun and "trained before" not in rerun
+    assert "up to date" in _sh(dvc_repo, "dvc", "status")
+
+
+def _train_list(repo: Path, partition: str, names: list[str]) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params[partition]["data"]["train"] = names
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def test_adding_a_data_set_trains_only_it_and_removing_one_drops_its_outputs(dvc_repo: Path):
+    out = dvc_repo / "runs" / "cortex"
+    first = (out / "train" / "Integrated_dataset_0" / "checkpoints" / "best_valid.pt").stat().st_mtime_ns
+    _train_list(dvc_repo, "cortex", ["Integrated_dataset_0.h5ad", "Integrated_dataset_1.h5ad"])
+    added = _sh(dvc_repo, "dvc", "repro")
+    kept = [line for line in added.splitlines() if "(trained before; kept)" in line]
+    assert len(kept) == 1 and kept[0].startswith("cortex/Integrated_dataset_0:"), added
+    assert "cortex/Integrated_dataset_1: 2 replicates" in added and "Running stage 'promote@cortex'" in added
+    assert (out / "train" / "Integrated_dataset_0" / "checkpoints" / "best_valid.pt").stat().st_mtime_ns == first
+    assert set(json.loads((out / "metrics.json").read_text())) == {"Integrated_dataset_0", "Integrated_dataset_1"}
+
+    _train_list(dvc_repo, "cortex", ["Integrated_dataset_1.h5ad"])
+    removed = _sh(dvc_repo, "dvc", "repro")
+    assert "cortex/Integrated_dataset_1: 2 replicates" in removed and "(trained before; kept)" in removed
+    for tree in ("train", "history", "embed"):
+        assert sorted(p.name for p in (out / tree).iterdir()) == ["Integrated_dataset_1"], tree
+    assert set(json.loads((out / "metrics.json").read_text())) == {"Integrated_dataset_1"}
+    assert "up to date" in _sh(dvc_repo, "dvc", "status")
 
 
 def test_changing_one_partition_reruns_only_its_stages(dvc_repo: Path):

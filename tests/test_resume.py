@@ -106,6 +106,14 @@ def test_ctrl_c_stops_cleanly(tmp_path: Path, tracking_uri: str):
     assert (root / "state.current").exists(), "the last complete epoch is kept"
     assert not list((tmp_path / "interrupted").rglob("*.tmp")), "nothing half-written remains"
 
+    proc = _start(params, "--resume", "--max-epochs", "2")  # other settings: the state is not theirs
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "state was of other settings, files or code: trained afresh" in out
+    info = json.loads((root / "train.json").read_text())
+    assert info["epochs_run"] == [2, 2] and info["run_id"] != run_id, "a new training in a new run"
+    assert MlflowClient(tracking_uri).get_run(run_id).info.status == "KILLED", "the killed run stays as it ended"
+
 
 class _Payload:
     def __reduce__(self):

@@ -369,3 +369,23 @@ def test_promotion_reason_names_a_few_runs_and_counts_many():
     assert promotion_reason("homology_rank", 10, ["a1", "b2"]) == "lowest homology_rank among 10 replicates of run(s) a1, b2"
     many = promotion_reason("valid_loss", 1000, [f"{i:032x}" for i in range(100)])
     assert many == "lowest valid_loss among 1000 replicates of 100 training runs"
+
+
+def test_a_kept_data_set_has_its_finished_run_in_this_store(
+    params: Path, tracking_uri: str, store_template: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """`--resume` keeps a data set only where embed and promote will find its run: a training that was
+    untracked, or tracked into another store, is trained into this one."""
+    train = ["train", "cortex", "--params", str(params), "--max-epochs", "1", "--resume"]
+    _ok([*train, "--no-track"])
+    assert "trained before" not in _ok(train), "untracked before: trained again, into the store"
+    record = tmp_path / "runs" / "cortex" / "train" / "Integrated_dataset_0" / "train.json"
+    first = json.loads(record.read_text())["run_id"]
+    assert "(trained before; kept)" in _ok(train) and "(trained before; kept)" in _ok([*train, "--no-track"])
+    other = tmp_path / "other.db"
+    shutil.copy(store_template, other)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{other}")
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", f"sqlite:///{other}")
+    assert "trained before" not in _ok(train), "its run is in another store: trained into this one"
+    second = json.loads(record.read_text())["run_id"]
+    assert second != first and MlflowClient(f"sqlite:///{other}").get_run(second).info.status == "FINISHED"

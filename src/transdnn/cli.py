@@ -171,10 +171,16 @@ def train_cmd(
     shuffle_labels: Annotated[
         bool | None, typer.Option("--shuffle-labels/--no-shuffle-labels", help="Random-classifier control.")
     ] = None,
-    stage: Annotated[str | None, typer.Option(help="DVC stage name to tag the MLflow run with.")] = None,
+    stage: Annotated[
+        str | None,
+        typer.Option(help="The DVC stage running this: tags the MLflow runs; removes the outputs of data sets no longer listed."),
+    ] = None,
     resume: Annotated[
         bool,
-        typer.Option(help="Continue a killed training from its last complete epoch; keep data sets it had finished."),
+        typer.Option(
+            help="Continue a killed training from its last complete epoch; keep data sets finished from the same "
+            "settings, files and code."
+        ),
     ] = False,
     no_track: NoTrackOpt = False,
 ) -> None:
@@ -209,6 +215,7 @@ def train_cmd(
             f"best valid loss {o.summary.best_valid_loss.mean():.4f}, homology rank {o.chosen_ranks.mean():.2f}"
             + (f", run {o.run_id}" if o.run_id else "")
             + (" (trained before; kept)" if o.trained_before else "")
+            + (" (the killed training's state was of other settings, files or code: trained afresh)" if o.restarted else "")
         )
 
 

@@ -5,8 +5,10 @@ Tracking is optional (`tracker=None` runs without MLflow): the loop reports thro
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -65,22 +67,39 @@ class TrainOutcome:
     run_id: str | None
     summary: pd.DataFrame
     chosen_ranks: np.ndarray
-    trained_before: bool = False  # --resume found it finished from the same settings and files
+    trained_before: bool = False  # --resume found it finished from the same settings, files and code
+    restarted: bool = False  # --resume found a killed training of other settings, files or code: trained afresh
+
+
+@functools.cache
+def code_digest(package: Path = Path(__file__).parent) -> str:
+    """Digest of transdnn's own source: a changed module (what makes DVC rerun the train stage) changes
+    what a training is made from, so an output of the old code is never kept."""
+    digest = hashlib.sha256()
+    for source in sorted(package.rglob("*.py")):
+        digest.update(str(source.relative_to(package)).encode() + b"\0" + source.read_bytes())
+    return digest.hexdigest()
 
 
 def _made_from(part: PartitionSettings, path: Path) -> str:
-    """Digest of what a training is made from: every setting but the list of data sets (adding one keeps
-    the others), and the size and modification time of each input file (like make: touched is changed)."""
+    """Digest of what a training is made from: transdnn's code, every setting but the list of data sets
+    (adding one keeps the others), and the size and modification time of each input file (like make:
+    touched is changed)."""
     files = [path, part.data.human, part.data.mouse, part.data.genes, part.data.homology]
     stamps = {str(f): [(st := f.stat()).st_size, st.st_mtime_ns] for f in files}
     params = part.model_dump(mode="json", exclude={"data": {"train"}})
-    blob = json.dumps({"params": params, "files": stamps}, sort_keys=True)
+    blob = json.dumps({"params": params, "files": stamps, "code": code_digest()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _trained_before(partition: str, part: PartitionSettings, path: Path, layout: RunLayout) -> TrainOutcome | None:
-    """The outcome of a data set that finished earlier from the same settings and files, if it did."""
-    if not (layout.train_info.is_file() and layout.summary.is_file() and layout.checkpoint(part.embed.checkpoint).is_file()):
+def _trained_before(
+    partition: str, part: PartitionSettings, path: Path, layout: RunLayout, tracker: Any | None
+) -> TrainOutcome | None:
+    """The outcome of a data set that finished earlier from the same settings, files and code, with all
+    its outputs in place and, when tracked, its finished run in this store and experiment; else None."""
+    outputs = [layout.train_info, layout.summary, layout.checkpoint(part.embed.checkpoint)]
+    outputs += [layout.history(r) for r in range(part.train.replicates)]
+    if not all(f.is_file() for f in outputs):
         return None
     try:
         made_from = _made_from(part, path)
@@ -89,8 +108,21 @@ def _trained_before(partition: str, part: PartitionSettings, path: Path, layout:
     info = json.loads(layout.train_info.read_text())
     if info.get("made_from") != made_from:
         return None
+    if tracker is not None and not (info["run_id"] and tracker.finished(info["run_id"])):
+        return None  # untracked before, or its run is not in this store: train it into this one
     ranks = np.asarray(info["chosen_homology_rank"])
     return TrainOutcome(partition, layout.dataset, layout, info["run_id"], pd.read_csv(layout.summary), ranks, True)
+
+
+def _drop_unlisted(out: Path, layouts: list[RunLayout]) -> None:
+    """Remove the training and history folders of data sets no longer listed: the DVC train stage owns
+    `<out>/train` and `<out>/history`, and keeps them between runs to keep the data sets trained before."""
+    listed = {layout.dataset for layout in layouts}
+    for tree in ("train", "history"):
+        root = Path(out) / tree
+        for folder in sorted(root.iterdir()) if root.is_dir() else []:
+            if folder.is_dir() and folder.name not in listed:
+                shutil.rmtree(folder)
 
 
 def _meta(partition: str, part: PartitionSettings, result: TrainResult, dataset: str) -> dict[str, Any]:
@@ -137,14 +169,19 @@ def train_partition(
     """Train every training set of a partition; write checkpoints, history and train.json for each.
 
     `resume=True` continues a killed training from its per-epoch state (same MLflow runs) and skips the
-    data sets that finished before from the same settings and files: a killed 100-set job redoes at most
-    the data set it was in. `check` vets each training set once it is loaded, before anything is written."""
+    data sets that finished before from the same settings, files and code: a killed 100-set job redoes at
+    most the data set it was in, and adding a data set trains only that one. A killed training of other
+    settings, files or code is trained afresh. `stage` (the DVC stage running this) also removes the
+    outputs of data sets no longer listed. `check` vets each training set once it is loaded, before
+    anything is written."""
     inputs = load_inputs(part.data)
     layouts = {path: RunLayout.for_training_file(part.out, path) for path in part.data.train_paths}
-    trained = {path: _trained_before(partition, part, path, layouts[path]) if resume else None for path in layouts}
+    trained = {path: _trained_before(partition, part, path, layouts[path], tracker) if resume else None for path in layouts}
     for path, done in trained.items():
         if done is None:  # every set to train, checked before the first trains: a bad one fails in seconds
             check_training_file(path, inputs.genes, inputs.homology)
+    if stage:
+        _drop_unlisted(part.out, list(layouts.values()))
     outcomes = []
     for path, layout in layouts.items():
         started = time.perf_counter()
@@ -178,16 +215,16 @@ def train_partition(
             stage=stage,
         )
         current = layout.state.current() if resume else None
-        resume_from = load_state(current, train_set, part) if current is not None else None  # before any write
-        resume_id = (
-            json.loads(layout.run_record.read_text())["run_id"]
-            if resume_from is not None and layout.run_record.is_file()
-            else None
-        )
+        record = json.loads(layout.run_record.read_text()) if current is not None and layout.run_record.is_file() else {}
+        # a killed training of other settings, files or code is not continued; a record without "made_from"
+        # was written before transdnn kept it: that one is resumed as asked
+        restarted = record.get("made_from", made_from) != made_from
+        resume_from = load_state(current, train_set, part) if current is not None and not restarted else None
+        resume_id = record.get("run_id") if resume_from is not None else None
         ctx = tracker.training(spec, resume_id) if tracker else nullcontext()
         with ctx as run:
             if run is not None or resume_from is None:  # an untracked resume keeps the killed run's record
-                write_json(layout.run_record, {"run_id": run.parent_id if run else None})
+                write_json(layout.run_record, {"run_id": run.parent_id if run else None, "made_from": made_from})
             result = train(train_set, inputs, part, device, _Fanout(run, progress), layout.state, resume_from)
             saving = time.perf_counter()
             meta = _meta(partition, part, result, layout.dataset)
@@ -219,7 +256,8 @@ def train_partition(
                 },
             )
             layout.state.remove()  # finished: the resume state is no longer needed
-        outcomes.append(TrainOutcome(partition, layout.dataset, layout, run.parent_id if run else None, result.summary, chosen))
+        run_id = run.parent_id if run else None
+        outcomes.append(TrainOutcome(partition, layout.dataset, layout, run_id, result.summary, chosen, restarted=restarted))
     return outcomes
 
 

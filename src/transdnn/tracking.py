@@ -452,6 +452,15 @@ class Tracker:
         kids = sorted(kids, key=lambda k: int(k.data.tags["replicate"]))
         return TrainingRun(self.client, run_id, [k.info.run_id for k in kids])
 
+    def finished(self, run_id: str) -> bool:
+        """Whether `run_id` is a finished run of this store and experiment: a training kept from before
+        must have its run where embed and promote will look for it."""
+        try:
+            run = self.client.get_run(run_id)
+        except MlflowException:
+            return False
+        return run.info.experiment_id == self.experiment_id and run.info.status == "FINISHED"
+
     def load_model(self, uri: str) -> Any:
         """Load a logged or registered replicate model through MLflow (never by reading the store's files)."""
         try:

@@ -138,6 +138,23 @@ def test_the_dvc_stage_removes_the_outputs_of_data_sets_no_longer_listed(params:
         assert sorted(p.name for p in (out / tree).iterdir()) == ["Integrated_dataset_1"], tree
 
 
+def test_a_new_training_leaves_no_file_of_an_older_one(params: Path, tmp_path: Path):
+    """The DVC stage keeps its folders between runs: fewer replicates or checkpoint kinds must not leave
+    the older training's files to be plotted or embedded."""
+    raw = yaml.safe_load(params.read_text())
+    raw["cortex"]["train"].update(replicates=3, extra_checkpoints=["best_rank"])
+    params.write_text(yaml.safe_dump(raw))
+    assert runner.invoke(app, ["train", "cortex", "--params", str(params), "--no-track"]).exit_code == 0
+    raw["cortex"]["train"].update(replicates=2, extra_checkpoints=[])
+    params.write_text(yaml.safe_dump(raw))
+    assert runner.invoke(app, ["train", "cortex", "--params", str(params), "--no-track", "--resume"]).exit_code == 0
+    out = tmp_path / "runs" / "cortex"
+    history = sorted(p.name for p in (out / "history" / "Integrated_dataset_0").iterdir())
+    assert history == ["replicate_0.csv", "replicate_1.csv"]
+    checkpoints = sorted(p.name for p in (out / "train" / "Integrated_dataset_0" / "checkpoints").iterdir())
+    assert checkpoints == ["best_valid.pt", "model.json"]
+
+
 def test_checkpoints_are_float16_unless_asked_otherwise(params: Path, tmp_path: Path):
     ckpt = tmp_path / "runs" / "cortex" / "train" / "Integrated_dataset_0" / "checkpoints"
     assert runner.invoke(app, ["train", "cortex", "--params", str(params), "--no-track"]).exit_code == 0

@@ -82,8 +82,12 @@ class RunLayout:
     def train_info(self) -> Path:
         return self.train_root / "train.json"
 
+    @property
+    def history_dir(self) -> Path:
+        return self.out / "history" / self.dataset
+
     def history(self, replicate: int) -> Path:
-        return self.out / "history" / self.dataset / f"replicate_{replicate}.csv"
+        return self.history_dir / f"replicate_{replicate}.csv"
 
     @property
     def embed_dir(self) -> Path:

@@ -114,15 +114,21 @@ def _trained_before(
     return TrainOutcome(partition, layout.dataset, layout, info["run_id"], pd.read_csv(layout.summary), ranks, True)
 
 
+def _clear(layout: RunLayout) -> None:
+    """Remove a data set's training and history folders, so a new training leaves no file of an older one
+    (a checkpoint kind or a replicate's history that the new settings no longer make)."""
+    for folder in (layout.train_root, layout.history_dir):
+        if folder.is_dir():
+            shutil.rmtree(folder)
+
+
 def _drop_unlisted(out: Path, layouts: list[RunLayout]) -> None:
-    """Remove the training and history folders of data sets no longer listed: the DVC train stage owns
-    `<out>/train` and `<out>/history`, and keeps them between runs to keep the data sets trained before."""
-    listed = {layout.dataset for layout in layouts}
-    for tree in ("train", "history"):
-        root = Path(out) / tree
-        for folder in sorted(root.iterdir()) if root.is_dir() else []:
-            if folder.is_dir() and folder.name not in listed:
-                shutil.rmtree(folder)
+    """Remove the outputs of data sets no longer listed: the DVC train stage owns `<out>/train` and
+    `<out>/history`, and keeps them between runs to keep the data sets trained before."""
+    base = RunLayout(out, "")
+    found = {p.name for root in (base.train_root, base.history_dir) if root.is_dir() for p in root.iterdir() if p.is_dir()}
+    for name in sorted(found - {layout.dataset for layout in layouts}):
+        _clear(RunLayout(out, name))
 
 
 def _meta(partition: str, part: PartitionSettings, result: TrainResult, dataset: str) -> dict[str, Any]:
@@ -221,6 +227,8 @@ def train_partition(
         restarted = record.get("made_from", made_from) != made_from
         resume_from = load_state(current, train_set, part) if current is not None and not restarted else None
         resume_id = record.get("run_id") if resume_from is not None else None
+        if resume_from is None:
+            _clear(layout)
         ctx = tracker.training(spec, resume_id) if tracker else nullcontext()
         with ctx as run:
             if run is not None or resume_from is None:  # an untracked resume keeps the killed run's record

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -95,16 +97,6 @@ def test_metrics_plots_and_champions(dvc_repo: Path):
     assert client.get_model_version_by_alias("transdnn-cortex", "champion")
 
 
-def test_a_killed_train_stage_is_finished_by_dvc_repro(dvc_repo: Path):
-    """The train stage keeps its outputs and resumes: a data set a kill left unfinished is trained again."""
-    (dvc_repo / "runs" / "cortex" / "train" / "Integrated_dataset_0" / "train.json").unlink()  # killed mid-set
-    assert "train@cortex" in json.loads(_sh(dvc_repo, "dvc", "status", "--json"))
-    rerun = _sh(dvc_repo, "dvc", "repro")
-    assert "Running stage 'train@cortex'" in rerun and "Stage 'train@subcortex' didn't change" in rerun
-    assert "cortex/Integrated_dataset_0: 2 replicates" in rerun and "trained before" not in rerun
-    assert "up to date" in _sh(dvc_repo, "dvc", "status")
-
-
 def _train_list(repo: Path, partition: str, names: list[str]) -> None:
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params[partition]["data"]["train"] = names
@@ -128,6 +120,36 @@ def test_adding_a_data_set_trains_only_it_and_removing_one_drops_its_outputs(dvc
     for tree in ("train", "history", "embed"):
         assert sorted(p.name for p in (out / tree).iterdir()) == ["Integrated_dataset_1"], tree
     assert set(json.loads((out / "metrics.json").read_text())) == {"Integrated_dataset_1"}
+    assert "up to date" in _sh(dvc_repo, "dvc", "status")
+
+
+def test_a_killed_dvc_repro_is_finished_by_dvc_repro(dvc_repo: Path):
+    """SIGKILL the whole `dvc repro` mid-training: the next `dvc repro` continues the killed training (same
+    MLflow run) instead of starting over, and ends with a clean status."""
+    _train_list(dvc_repo, "cortex", ["Integrated_dataset_0.h5ad"])
+    params = yaml.safe_load((dvc_repo / "params.yaml").read_text())
+    params["cortex"]["model"]["hidden_units"] = [64, 64, 64]
+    params["cortex"]["train"].update(max_epochs=300, patience=1000, state_every_s=0)
+    (dvc_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    root = dvc_repo / "runs" / "cortex" / "train" / "Integrated_dataset_0"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen(
+        ["dvc", "repro"], cwd=dvc_repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.monotonic() + 300
+    while not (root / "state.current").exists():
+        assert proc.poll() is None, "dvc repro ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (root / "train.json").exists(), "killed mid-training"
+    killed_run = json.loads((root / "run.json").read_text())["run_id"]
+
+    rerun = _sh(dvc_repo, "dvc", "repro")
+    assert "Running stage 'train@cortex'" in rerun and "trained afresh" not in rerun
+    info = json.loads((root / "train.json").read_text())
+    assert info["run_id"] == killed_run and info["epochs_run"] == [300, 300], "the killed training, continued"
     assert "up to date" in _sh(dvc_repo, "dvc", "status")
 
 

@@ -110,13 +110,20 @@ def test_resume_trains_again_after_transdnn_code_changes(params: Path, tmp_path:
     assert "cortex/Integrated_dataset_0: 2 replicates" in again.stdout and "trained before" not in again.stdout
 
 
-def test_a_kept_data_set_needs_its_history(params: Path, tmp_path: Path):
-    """The history folder is not in DVC's cache: an experiment's workspace may lack it, so retrain."""
+def test_a_kept_data_set_needs_the_history_it_wrote(params: Path, tmp_path: Path):
+    """DVC does not cache the history: an experiment's workspace may lack it, and a `dvc checkout` of
+    another experiment leaves the workspace's. Either way the data set is trained again."""
+    history = tmp_path / "runs" / "cortex" / "history" / "Integrated_dataset_0"
+    resume = ["train", "cortex", "--params", str(params), "--no-track", "--resume"]
     assert runner.invoke(app, ["train", "cortex", "--params", str(params), "--no-track"]).exit_code == 0
-    (tmp_path / "runs" / "cortex" / "history" / "Integrated_dataset_0" / "replicate_1.csv").unlink()
-    again = runner.invoke(app, ["train", "cortex", "--params", str(params), "--no-track", "--resume"])
+    (history / "replicate_1.csv").write_bytes((history / "replicate_0.csv").read_bytes())
+    again = runner.invoke(app, resume)
     assert again.exit_code == 0 and "trained before" not in again.stdout, again.stderr
-    assert (tmp_path / "runs" / "cortex" / "history" / "Integrated_dataset_0" / "replicate_1.csv").is_file()
+    assert "(trained before; kept)" in runner.invoke(app, resume).stdout
+    (history / "replicate_1.csv").unlink()
+    again = runner.invoke(app, resume)
+    assert again.exit_code == 0 and "trained before" not in again.stdout, again.stderr
+    assert (history / "replicate_1.csv").is_file()
 
 
 def test_the_dvc_stage_removes_the_outputs_of_data_sets_no_longer_listed(params: Path, tiny: TinyData, tmp_path: Path):

@@ -92,21 +92,31 @@ def _made_from(part: PartitionSettings, path: Path) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def _files_digest(paths: list[Path]) -> str:
+    """Digest of the files' bytes, in order: what train.json holds of the history it wrote."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def _trained_before(
     partition: str, part: PartitionSettings, path: Path, layout: RunLayout, tracker: Any | None
 ) -> TrainOutcome | None:
     """The outcome of a data set that finished earlier from the same settings, files and code, with all
-    its outputs in place and, when tracked, its finished run in this store and experiment; else None."""
-    outputs = [layout.train_info, layout.summary, layout.checkpoint(part.embed.checkpoint)]
-    outputs += [layout.history(r) for r in range(part.train.replicates)]
-    if not all(f.is_file() for f in outputs):
+    its outputs in place and, when tracked, its finished run in this store and experiment; else None.
+
+    The history must be the one that training wrote: DVC does not cache it, so a `dvc checkout` of
+    another experiment restores the training folder but leaves the workspace's history."""
+    history = [layout.history(r) for r in range(part.train.replicates)]
+    if not all(f.is_file() for f in [layout.train_info, layout.summary, layout.checkpoint(part.embed.checkpoint), *history]):
         return None
     try:
         made_from = _made_from(part, path)
     except OSError:  # a missing input: training it again lets the loader name it
         return None
     info = json.loads(layout.train_info.read_text())
-    if info.get("made_from") != made_from:
+    if info.get("made_from") != made_from or info.get("history") != _files_digest(history):
         return None
     if tracker is not None and not (info["run_id"] and tracker.finished(info["run_id"])):
         return None  # untracked before, or its run is not in this store: train it into this one
@@ -253,6 +263,7 @@ def train_partition(
                     "checkpoint": part.embed.checkpoint,
                     "chosen_homology_rank": [float(x) for x in chosen],
                     "made_from": made_from,
+                    "history": _files_digest(history_files),
                     "epochs_run": [int(x) for x in result.summary["epochs_run"]],
                     "seconds": result.seconds,
                     # after the epochs: writing checkpoints and history and ranking the chosen one; logging

@@ -261,8 +261,12 @@ def test_a_bad_later_training_set_fails_before_the_first_trains(case: str, tmp_p
         (lambda p: p["cortex"]["train"].update(replicates=-3), "cortex.train.replicates"),
         (lambda p: p.update(extra_section={}), "extra_section"),
         (lambda p: p["cortex"]["model"].update(hidden_units=[32, 0, 32]), "cortex.model.hidden_units"),
+        (
+            lambda p: p["cortex"]["data"].update(train=["a.h5ad", "b.h5ad", "sets/a.h5ad"]),
+            "cortex.data.train': Value error, data set name(s) a listed twice",
+        ),
     ],
-    ids=["unknown key", "wrong type", "negative value", "unknown section", "zero-width layer"],
+    ids=["unknown key", "wrong type", "negative value", "unknown section", "zero-width layer", "one data set name twice"],
 )
 def test_bad_params_exit_2(edit, expected: str, tmp_path: Path, params: Path):
     raw = yaml.safe_load(params.read_text())

@@ -29,6 +29,16 @@ class DataPaths(_Strict):
     homology: Path
     test: Path | None = None
 
+    @field_validator("train")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        """Each training set writes to folders named by its file's stem: two alike would overwrite each other."""
+        stems = [Path(name).stem for name in value]
+        twice = sorted({stem for stem in stems if stems.count(stem) > 1})
+        if twice:
+            raise ValueError(f"data set name(s) {', '.join(twice)} listed twice; expected training files of distinct names")
+        return value
+
     @property
     def train_paths(self) -> list[Path]:
         """The training sets: names in `train`, found in `train_dir` (DVC tracks that folder)."""

@@ -22,6 +22,8 @@ def test_train_then_embed_writes_the_reference_layout(params: Path, tmp_path: Pa
     result = runner.invoke(app, ["train", "cortex", "--params", str(params), "--no-track", "--max-epochs", "12"])
     assert result.exit_code == 0, result.stderr
     assert "cortex/Integrated_dataset_0: 2 replicates" in result.stdout
+    curves = pd.read_csv(tmp_path / "runs" / "cortex" / "curves.csv")
+    assert curves["replicates"].iloc[0] == 2 and curves["epoch"].tolist() == list(range(len(curves)))
     started = time.perf_counter()
     result = runner.invoke(app, ["embed", "cortex", "--params", str(params), "--no-track"])
     embed_wall = time.perf_counter() - started

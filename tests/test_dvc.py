@@ -84,8 +84,10 @@ def test_metrics_plots_and_champions(dvc_repo: Path):
     assert {"runs/cortex/metrics.json", "runs/subcortex/metrics.json"} <= set(files)
     cortex = files["runs/cortex/metrics.json"]["data"]["Integrated_dataset_0"]
     assert {"homology_rank", "homology_rank_consensus", "raw_homology_rank", "best_valid_loss", "best_valid_acc"} <= set(cortex)
-    plots = _sh(dvc_repo, "dvc", "plots", "show", "--json")
-    assert "homology_rank" in plots
+    plots = json.loads(_sh(dvc_repo, "dvc", "plots", "show", "--json"))
+    assert not plots.get("errors"), plots["errors"]
+    assert {"loss", "accuracy", "homology_rank"} <= set(plots["data"])
+    assert all(plots["data"][name] for name in ("loss", "accuracy", "homology_rank")), "each plot has its curves"
     for name in ("cortex", "subcortex"):
         promotion = json.loads((dvc_repo / "runs" / name / "promotion.json").read_text())
         assert promotion["uri"] == f"models:/transdnn-{name}@champion"
@@ -162,3 +164,23 @@ def test_changing_one_partition_reruns_only_its_stages(dvc_repo: Path):
     assert "train@cortex" in changed
     assert not any("subcortex" in s for s in changed)
     assert "synth" not in changed
+
+
+def test_experiments_show_their_own_metrics(dvc_repo: Path):
+    """runs/ is not in git: DVC must keep the metrics (and history) in its cache for `dvc exp show` and
+    `dvc plots diff` to read them for anything but the workspace."""
+    _sh(dvc_repo, "git", "add", "-A")
+    _sh(dvc_repo, "git", "-c", "user.email=ci@example.invalid", "-c", "user.name=ci", "commit", "-qm", "baseline")
+    _sh(dvc_repo, "dvc", "repro")
+    _sh(dvc_repo, "dvc", "exp", "run", "-S", "cortex.train.seed=1", "-n", "seed1")
+    shown = json.loads(_sh(dvc_repo, "dvc", "exp", "show", "--json"))
+    baseline = shown[1]
+    experiments = {r["name"]: r for e in baseline.get("experiments") or [] for r in e["revs"]}
+    for rev in (baseline, experiments["seed1"]):
+        metrics = rev["data"]["metrics"]["runs/cortex/metrics.json"]
+        assert "error" not in metrics, (rev.get("name"), metrics)
+        assert "homology_rank_mean" in next(iter(metrics["data"].values()))
+    plots = json.loads(_sh(dvc_repo, "dvc", "plots", "diff", "HEAD", "seed1", "--json"))
+    assert not plots.get("errors"), plots["errors"]
+    revs = {rev for plot in plots["data"]["homology_rank"] for rev in plot.get("revisions", [])}
+    assert {"HEAD", "seed1"} <= revs, revs

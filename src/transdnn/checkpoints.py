@@ -110,6 +110,12 @@ class RunLayout:
         return self.out / "promotion.json"
 
     @property
+    def curves(self) -> Path:
+        """Per-epoch means over the partition's replicates (DVC's plots: one line per metric, whatever the
+        number of data sets and replicates, so experiments overlay)."""
+        return self.out / "curves.csv"
+
+    @property
     def partition_metrics(self) -> Path:
         """All training sets' metrics of the partition in one file (DVC's `metrics:`)."""
         return self.out / "metrics.json"

@@ -37,7 +37,7 @@ from transdnn.evaluate import check_test_regions, independent_test
 from transdnn.lineage import RunSpec
 from transdnn.model import seeds_for
 from transdnn.settings import DataPaths, PartitionSettings
-from transdnn.training import TrainingSink, TrainResult, check_shapes, load_state, train
+from transdnn.training import EPOCH_METRICS, TrainingSink, TrainResult, check_shapes, load_state, train
 
 EXAMPLE_ROWS = 3
 
@@ -139,6 +139,14 @@ def _drop_unlisted(out: Path, layouts: list[RunLayout]) -> None:
     found = {p.name for root in (base.train_root, base.history_dir) if root.is_dir() for p in root.iterdir() if p.is_dir()}
     for name in sorted(found - {layout.dataset for layout in layouts}):
         _clear(RunLayout(out, name))
+
+
+def mean_curves(histories: list[pd.DataFrame]) -> pd.DataFrame:
+    """Per epoch, each metric's mean over the replicate histories that reached it, and their number."""
+    grouped = pd.concat(histories, ignore_index=True).groupby("epoch")
+    curves = grouped[list(EPOCH_METRICS)].mean()
+    curves["replicates"] = grouped.size()
+    return curves.reset_index()
 
 
 def _meta(partition: str, part: PartitionSettings, result: TrainResult, dataset: str) -> dict[str, Any]:
@@ -277,6 +285,8 @@ def train_partition(
             layout.state.remove()  # finished: the resume state is no longer needed
         run_id = run.parent_id if run else None
         outcomes.append(TrainOutcome(partition, layout.dataset, layout, run_id, result.summary, chosen, restarted=restarted))
+    histories = [pd.read_csv(layout.history(r)) for layout in layouts.values() for r in range(part.train.replicates)]
+    write_csv(RunLayout(part.out, "").curves, mean_curves(histories), index=False)
     return outcomes
 
 

@@ -125,13 +125,33 @@ def test_adding_a_data_set_trains_only_it_and_removing_one_drops_its_outputs(dvc
     assert "up to date" in _sh(dvc_repo, "dvc", "status")
 
 
+def test_experiments_show_their_own_metrics(dvc_repo: Path):
+    """runs/ is not in git: DVC must keep the metrics (and history) in its cache for `dvc exp show` and
+    `dvc plots diff` to read them for anything but the workspace."""
+    _sh(dvc_repo, "git", "add", "-A")
+    _sh(dvc_repo, "git", "-c", "user.email=ci@example.invalid", "-c", "user.name=ci", "commit", "-qm", "baseline")
+    assert "up to date" in _sh(dvc_repo, "dvc", "status")
+    _sh(dvc_repo, "dvc", "exp", "run", "-S", "cortex.train.seed=1", "-n", "seed1")
+    shown = json.loads(_sh(dvc_repo, "dvc", "exp", "show", "--json"))
+    baseline = shown[1]
+    experiments = {r["name"]: r for e in baseline.get("experiments") or [] for r in e["revs"]}
+    for rev in (baseline, experiments["seed1"]):
+        metrics = rev["data"]["metrics"]["runs/cortex/metrics.json"]
+        assert "error" not in metrics, (rev.get("name"), metrics)
+        assert "homology_rank_mean" in next(iter(metrics["data"].values()))
+    plots = json.loads(_sh(dvc_repo, "dvc", "plots", "diff", "HEAD", "seed1", "--json"))
+    assert not plots.get("errors"), plots["errors"]
+    revs = {rev for plot in plots["data"]["homology_rank"] for rev in plot.get("revisions", [])}
+    assert {"HEAD", "seed1"} <= revs, revs
+
+
 def test_a_killed_dvc_repro_is_finished_by_dvc_repro(dvc_repo: Path):
     """SIGKILL the whole `dvc repro` mid-training: the next `dvc repro` continues the killed training (same
     MLflow run) instead of starting over, and ends with a clean status."""
     _train_list(dvc_repo, "cortex", ["Integrated_dataset_0.h5ad"])
     params = yaml.safe_load((dvc_repo / "params.yaml").read_text())
     params["cortex"]["model"]["hidden_units"] = [64, 64, 64]
-    params["cortex"]["train"].update(max_epochs=300, patience=1000, state_every_s=0)
+    params["cortex"]["train"].update(max_epochs=150, patience=1000, state_every_s=0)
     (dvc_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     root = dvc_repo / "runs" / "cortex" / "train" / "Integrated_dataset_0"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
@@ -151,7 +171,7 @@ def test_a_killed_dvc_repro_is_finished_by_dvc_repro(dvc_repo: Path):
     rerun = _sh(dvc_repo, "dvc", "repro")
     assert "Running stage 'train@cortex'" in rerun and "trained afresh" not in rerun
     info = json.loads((root / "train.json").read_text())
-    assert info["run_id"] == killed_run and info["epochs_run"] == [300, 300], "the killed training, continued"
+    assert info["run_id"] == killed_run and info["epochs_run"] == [150, 150], "the killed training, continued"
     assert "up to date" in _sh(dvc_repo, "dvc", "status")
 
 
@@ -164,23 +184,3 @@ def test_changing_one_partition_reruns_only_its_stages(dvc_repo: Path):
     assert "train@cortex" in changed
     assert not any("subcortex" in s for s in changed)
     assert "synth" not in changed
-
-
-def test_experiments_show_their_own_metrics(dvc_repo: Path):
-    """runs/ is not in git: DVC must keep the metrics (and history) in its cache for `dvc exp show` and
-    `dvc plots diff` to read them for anything but the workspace."""
-    _sh(dvc_repo, "git", "add", "-A")
-    _sh(dvc_repo, "git", "-c", "user.email=ci@example.invalid", "-c", "user.name=ci", "commit", "-qm", "baseline")
-    _sh(dvc_repo, "dvc", "repro")
-    _sh(dvc_repo, "dvc", "exp", "run", "-S", "cortex.train.seed=1", "-n", "seed1")
-    shown = json.loads(_sh(dvc_repo, "dvc", "exp", "show", "--json"))
-    baseline = shown[1]
-    experiments = {r["name"]: r for e in baseline.get("experiments") or [] for r in e["revs"]}
-    for rev in (baseline, experiments["seed1"]):
-        metrics = rev["data"]["metrics"]["runs/cortex/metrics.json"]
-        assert "error" not in metrics, (rev.get("name"), metrics)
-        assert "homology_rank_mean" in next(iter(metrics["data"].values()))
-    plots = json.loads(_sh(dvc_repo, "dvc", "plots", "diff", "HEAD", "seed1", "--json"))
-    assert not plots.get("errors"), plots["errors"]
-    revs = {rev for plot in plots["data"]["homology_rank"] for rev in plot.get("revisions", [])}
-    assert {"HEAD", "seed1"} <= revs, revs

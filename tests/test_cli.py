@@ -113,8 +113,8 @@ def test_resume_trains_again_after_transdnn_code_changes(params: Path, tmp_path:
 
 
 def test_a_kept_data_set_needs_the_history_it_wrote(params: Path, tmp_path: Path):
-    """DVC does not cache the history: an experiment's workspace may lack it, and a `dvc checkout` of
-    another experiment leaves the workspace's. Either way the data set is trained again."""
+    """The history is a DVC output apart from the training folder: one may be checked out, pulled or
+    edited without the other. A history the training did not write, or none, trains the data set again."""
     history = tmp_path / "runs" / "cortex" / "history" / "Integrated_dataset_0"
     resume = ["train", "cortex", "--params", str(params), "--no-track", "--resume"]
     assert runner.invoke(app, ["train", "cortex", "--params", str(params), "--no-track"]).exit_code == 0

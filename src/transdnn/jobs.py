@@ -106,8 +106,9 @@ def _trained_before(
     """The outcome of a data set that finished earlier from the same settings, files and code, with all
     its outputs in place and, when tracked, its finished run in this store and experiment; else None.
 
-    The history must be the one that training wrote: DVC does not cache it, so a `dvc checkout` of
-    another experiment restores the training folder but leaves the workspace's history."""
+    The history must be the one that training wrote (train.json holds its digest): the training and
+    history folders are separate DVC outputs, and one can be checked out, pulled or edited without the
+    other."""
     history = [layout.history(r) for r in range(part.train.replicates)]
     if not all(f.is_file() for f in [layout.train_info, layout.summary, layout.checkpoint(part.embed.checkpoint), *history]):
         return None

@@ -246,10 +246,10 @@ def train_partition(
         restarted = record.get("made_from", made_from) != made_from
         resume_from = load_state(current, train_set, part) if current is not None and not restarted else None
         resume_id = record.get("run_id") if resume_from is not None else None
-        if resume_from is None:
-            _clear(layout)
         ctx = tracker.training(spec, resume_id) if tracker else nullcontext()
-        with ctx as run:
+        with ctx as run:  # the older training's outputs go only once the store has opened this one's run
+            if resume_from is None:
+                _clear(layout)
             if run is not None or resume_from is None:  # an untracked resume keeps the killed run's record
                 write_json(layout.run_record, {"run_id": run.parent_id if run else None, "made_from": made_from})
             result = train(train_set, inputs, part, device, _Fanout(run, progress), layout.state, resume_from)

@@ -148,7 +148,7 @@ def validate(
     typer.echo(
         f"genes: {len(inputs.genes.genes)}  human regions: {len(inputs.human.regions)}  mouse regions: {len(inputs.mouse.regions)}  pairs: {len(inputs.homology.human)}"
     )
-    for path in part.data.train_paths:
+    for path in _run(lambda: part.data.train_paths):
         ts = _run(load_training_set, path, inputs.genes)
         _run(check_training_regions, ts, inputs.homology)
         typer.echo(f"{path.name}: rows {ts.X.shape[0]}  regions {len(ts.regions)}  samples {ts.n_samples}")
@@ -202,9 +202,8 @@ def train_cmd(
     )
     dev = _run(resolve_device, part.train.device)
     tracker = _tracker(settings, params, not no_track)
-    progress = _Progress(
-        part.train.replicates * part.train.max_epochs * len(part.data.train), f"{partition.value} replicate-epochs"
-    )
+    sets = len(_run(lambda: part.data.train_paths))
+    progress = _Progress(part.train.replicates * part.train.max_epochs * sets, f"{partition.value} replicate-epochs")
     try:
         outcomes = _run(train_partition, partition.value, part, dev, tracker, progress, stage, resume)
     finally:

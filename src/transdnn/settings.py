@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from transdnn.errors import ConfigError
+from transdnn.errors import ConfigError, InputError
 
 Checkpoint = Literal["best_valid", "best_rank", "last"]
 CHECKPOINTS: tuple[str, ...] = ("best_valid", "best_rank", "last")
@@ -33,16 +34,49 @@ class DataPaths(_Strict):
     @classmethod
     def _distinct(cls, value: list[str]) -> list[str]:
         """Each training set writes to folders named by its file's stem: two alike would overwrite each other."""
-        stems = [Path(name).stem for name in value]
-        twice = sorted({stem for stem in stems if stems.count(stem) > 1})
+        twice = _stems_twice([Path(name) for name in value])
         if twice:
             raise ValueError(f"data set name(s) {', '.join(twice)} listed twice; expected training files of distinct names")
         return value
 
     @property
     def train_paths(self) -> list[Path]:
-        """The training sets: names in `train`, found in `train_dir` (DVC tracks that folder)."""
-        return [self.train_dir / name for name in self.train]
+        """The training sets: names in `train`, found in `train_dir` (DVC tracks that folder).
+
+        A name with `*`, `?` or `[` is a pattern for the files it matches, in natural order (`_2` before
+        `_10`), so the published 100 sets are one line, and a file added to the folder joins the job.
+        """
+        paths: list[Path] = []
+        for name in self.train:
+            if not _PATTERN.search(name):
+                found = [self.train_dir / name]
+            else:
+                found = sorted((p for p in self.train_dir.glob(name) if p.is_file()), key=lambda p: natural_key(p.name))
+                if not found:
+                    raise InputError(
+                        f"{self.train_dir}: no file matches data.train pattern {name!r} (expected .h5ad files there)"
+                    )
+            paths += [p for p in found if p not in paths]
+        twice = _stems_twice(paths)
+        if twice:
+            raise InputError(
+                f"{self.train_dir}: data.train gives data set name(s) {', '.join(twice)} twice "
+                "(expected training files of distinct names)"
+            )
+        return paths
+
+
+_PATTERN = re.compile(r"[*?\[]")
+
+
+def natural_key(name: str) -> list[str | int]:
+    """Sort key that orders the digit runs of a name by value: `Integrated_dataset_2` before `_10`."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _stems_twice(paths: list[Path]) -> list[str]:
+    stems = [path.stem for path in paths]
+    return sorted({stem for stem in stems if stems.count(stem) > 1})
 
 
 class ModelSettings(_Strict):

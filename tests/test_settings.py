@@ -1,0 +1,88 @@
+"""Typed settings: the list of training sets, with patterns that stand for the published 100 files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from conftest import TinyData
+from transdnn.cli import app
+from transdnn.errors import InputError
+from transdnn.settings import DataPaths, natural_key
+
+runner = CliRunner()
+
+
+def _data(folder: Path, *train: str) -> DataPaths:
+    return DataPaths(train_dir=folder, train=list(train), human=folder, mouse=folder, genes=folder, homology=folder)
+
+
+def _touch(folder: Path, *names: str) -> None:
+    for name in names:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(b"")
+
+
+def test_natural_key_orders_numbers_by_value():
+    names = ["Integrated_dataset_10.h5ad", "Integrated_dataset_2.h5ad", "Integrated_dataset_1.h5ad", "a.h5ad"]
+    assert sorted(names, key=natural_key) == [
+        "Integrated_dataset_1.h5ad",
+        "Integrated_dataset_2.h5ad",
+        "Integrated_dataset_10.h5ad",
+        "a.h5ad",
+    ]
+
+
+def test_a_pattern_stands_for_its_files_in_natural_order(tmp_path: Path):
+    _touch(tmp_path, "Integrated_dataset_10.h5ad", "Integrated_dataset_2.h5ad", "Integrated_dataset_0.h5ad", "notes.txt")
+    (tmp_path / "Integrated_dataset_3.h5ad").mkdir()  # a folder is not a data set
+    names = [p.name for p in _data(tmp_path, "Integrated_dataset_*.h5ad").train_paths]
+    assert names == ["Integrated_dataset_0.h5ad", "Integrated_dataset_2.h5ad", "Integrated_dataset_10.h5ad"]
+
+
+def test_named_files_keep_their_order_and_a_pattern_adds_each_file_once(tmp_path: Path):
+    _touch(tmp_path, "b.h5ad", "a.h5ad", "c.h5ad")
+    paths = _data(tmp_path, "c.h5ad", "*.h5ad").train_paths
+    assert [p.name for p in paths] == ["c.h5ad", "a.h5ad", "b.h5ad"]
+    assert _data(tmp_path, "z.h5ad", "a.h5ad").train_paths == [tmp_path / "z.h5ad", tmp_path / "a.h5ad"]
+
+
+def test_a_pattern_that_matches_nothing_names_the_folder_and_the_pattern(tmp_path: Path):
+    _touch(tmp_path, "a.h5ad")
+    with pytest.raises(InputError, match=r"no file matches data.train pattern 'Integrated_\*.h5ad'") as err:
+        _ = _data(tmp_path, "a.h5ad", "Integrated_*.h5ad").train_paths
+    assert str(err.value).startswith(str(tmp_path))
+
+
+def test_a_pattern_that_reaches_a_second_file_of_one_name_is_refused(tmp_path: Path):
+    _touch(tmp_path, "a.h5ad", "sets/a.h5ad")
+    with pytest.raises(InputError, match=r"data set name\(s\) a twice"):
+        _ = _data(tmp_path, "a.h5ad", "*/*.h5ad").train_paths
+
+
+def test_validate_lists_the_sets_a_pattern_finds(params: Path, tiny: TinyData):
+    for k in (10, 2):
+        tiny.train.with_name(f"Integrated_dataset_{k}.h5ad").write_bytes(tiny.train.read_bytes())
+    raw = yaml.safe_load(params.read_text())
+    raw["cortex"]["data"]["train"] = ["Integrated_dataset_*.h5ad"]
+    params.write_text(yaml.safe_dump(raw))
+    result = runner.invoke(app, ["validate", "cortex", "--params", str(params)])
+    assert result.exit_code == 0, result.stderr
+    found = [line.split(":")[0] for line in result.stdout.splitlines() if "rows 288" in line]
+    assert found == ["Integrated_dataset_0.h5ad", "Integrated_dataset_2.h5ad", "Integrated_dataset_10.h5ad"]
+
+
+@pytest.mark.parametrize("command", ["validate", "train"])
+def test_a_pattern_that_matches_nothing_exits_2_with_one_line(command: str, params: Path):
+    raw = yaml.safe_load(params.read_text())
+    raw["cortex"]["data"]["train"] = ["Integrated_*.h5ad.gz"]
+    params.write_text(yaml.safe_dump(raw))
+    result = runner.invoke(app, [command, "cortex", "--params", str(params), *(["--no-track"] if command == "train" else [])])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {raw['cortex']['data']['train_dir']}: no file matches data.train pattern 'Integrated_*.h5ad.gz' "
+        "(expected .h5ad files there)"
+    ]

@@ -12,9 +12,11 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
+from packaging.version import Version
 from typer.testing import CliRunner
 
 from conftest import TinyData
@@ -81,6 +83,10 @@ def test_promote_champion_loads_and_reproduces_run_embeddings(params: Path, trac
     assert len(client.search_model_versions("name='transdnn-cortex'")) == n_versions
     assert client.get_model_version_by_alias("transdnn-cortex", "champion").version == champion.version
 
+    # the model pins the libraries it was made with, so a serving environment built from it gets them
+    requirements = Path(mlflow.pyfunc.get_model_dependencies("models:/transdnn-cortex@champion")).read_text().split()
+    assert f"torch=={Version(torch.__version__).public}" in requirements and f"mlflow=={mlflow.__version__}" in requirements
+    assert all("==" in line for line in requirements if not line.startswith("-")), requirements
     model = mlflow.pyfunc.load_model("models:/transdnn-cortex@champion")
     inputs = load_partition_inputs(tiny.human, tiny.mouse, tiny.genes, tiny.homology)
     frame = pd.DataFrame(inputs.human.means, columns=inputs.genes.genes, index=inputs.human.regions)

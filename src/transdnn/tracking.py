@@ -20,6 +20,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,6 +35,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models.signature import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+from packaging.version import Version
 
 import transdnn
 from transdnn.errors import TrackingError
@@ -47,6 +49,8 @@ FLUSH_SECONDS = 30.0  # how stale the MLflow UI's per-epoch curves may be during
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch
 _MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
 _PACKAGE_DIR = Path(__file__).parent
+# what the logged model's code (transdnn.mlflow_model and the modules it loads) needs to run
+_MODEL_DISTRIBUTIONS = ("torch", "pandas", "numpy", "mlflow", "anndata", "pydantic", "pyyaml", "h5py", "scipy")
 
 
 def project_home(project: Path) -> Path:
@@ -235,6 +239,13 @@ def _libyaml_emitter() -> Iterator[None]:
         model_module.yaml = saved
 
 
+def model_requirements() -> list[str]:
+    """The logged models' pip requirements, pinned to this environment's releases as MLflow pins what it
+    infers: a model served or loaded elsewhere gets the libraries it was trained and tested with (a
+    `+cpu` or `+cu130` torch build is pinned as its public release, which pip finds on PyPI)."""
+    return [f"{name}=={Version(version(name)).public}" for name in _MODEL_DISTRIBUTIONS]
+
+
 def model_signature(genes: list[str]) -> ModelSignature:
     """One float column per gene and the `output` param: what `infer_signature` finds for an example frame,
     built directly (inferring it scans every column of the example, ~0.2 s for 5k genes)."""
@@ -329,7 +340,7 @@ class TrainingRun:
                     artifacts={"weights": str(weights), "meta": str(meta)},
                     code_paths=[str(_PACKAGE_DIR)],
                     signature=signature,
-                    pip_requirements=["torch", "pandas<3", "numpy", "mlflow", "anndata", "pydantic", "pyyaml", "h5py", "scipy"],
+                    pip_requirements=model_requirements(),
                 )
             self.client.log_artifact(self.children[r], str(example_csv))
             self.client.set_tag(self.children[r], "model_uri", info.model_uri)

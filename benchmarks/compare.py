@@ -266,7 +266,7 @@ def bench_transdnn(case: Case, work: Path, precision: str, train_marginal: bool 
     summary = pd.read_csv(layout.summary)
     info = json.loads(layout.train_info.read_text())
     seconds = info["seconds"]
-    metrics = json.loads(layout.partition_metrics.read_text())[layout.dataset]
+    metrics = json.loads(layout.partition_metrics.read_text())["data_sets"][layout.dataset]
     beyond = sum(v for k, v in seconds.items() if k not in ("train_pass", "epochs"))
     mlflow_bytes = dir_bytes(artifacts) - before  # before the two-set jobs log to the same store again
     embedded = json.loads(layout.embed_info.read_text())

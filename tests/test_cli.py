@@ -44,6 +44,11 @@ def test_train_then_embed_writes_the_reference_layout(params: Path, tmp_path: Pa
     assert metrics["homology_rank_consensus"] <= 1.5
     corr = pd.read_csv(root / "consensus_correlation.csv", index_col=0)
     assert corr.shape == (6, 5)
+    # a one-set job's pooled answer is that set's
+    pooled = json.loads((tmp_path / "runs" / "cortex" / "metrics.json").read_text())["all_data_sets"]
+    assert (pooled["data_sets"], pooled["models"]) == (1, 2)
+    assert pooled["homology_rank_consensus"] == metrics["homology_rank_consensus"]
+    assert pd.read_csv(root.parent / "consensus_correlation.csv", index_col=0).equals(corr)
     assert not list((tmp_path / "runs").rglob("*.tmp")), "no temporary files may remain"
     train_info = json.loads((tmp_path / "runs" / "cortex" / "train" / "Integrated_dataset_0" / "train.json").read_text())
     assert train_info["chosen_homology_rank"] == [metrics["homology_rank"][r] for r in ("0", "1")], (
@@ -183,7 +188,7 @@ def test_embed_checkpoint_choice_changes_weights(params: Path, tmp_path: Path):
     for kind in ("best_valid", "best_rank", "last"):
         result = runner.invoke(app, ["embed", "cortex", "--params", str(params), "--no-track", "--checkpoint", kind])
         assert result.exit_code == 0, result.stderr
-        metrics = json.loads((tmp_path / "runs" / "cortex" / "metrics.json").read_text())["Integrated_dataset_0"]
+        metrics = json.loads((tmp_path / "runs" / "cortex" / "metrics.json").read_text())["data_sets"]["Integrated_dataset_0"]
         assert metrics["checkpoint"] == kind
 
 

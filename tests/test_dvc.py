@@ -10,6 +10,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -82,8 +84,11 @@ def test_metrics_plots_and_champions(dvc_repo: Path):
     metrics = json.loads(shown)
     files = next(iter(metrics.values()))["data"]
     assert {"runs/cortex/metrics.json", "runs/subcortex/metrics.json"} <= set(files)
-    cortex = files["runs/cortex/metrics.json"]["data"]["Integrated_dataset_0"]
-    assert {"homology_rank", "homology_rank_consensus", "raw_homology_rank", "best_valid_loss", "best_valid_acc"} <= set(cortex)
+    cortex = files["runs/cortex/metrics.json"]["data"]
+    assert {"homology_rank", "homology_rank_consensus", "raw_homology_rank", "best_valid_loss", "best_valid_acc"} <= set(
+        cortex["data_sets"]["Integrated_dataset_0"]
+    )
+    assert {"data_sets", "models", "homology_rank_mean", "homology_rank_consensus", "beats_raw"} <= set(cortex["all_data_sets"])
     plots = json.loads(_sh(dvc_repo, "dvc", "plots", "show", "--json"))
     assert not plots.get("errors"), plots["errors"]
     assert {"loss", "accuracy", "homology_rank"} <= set(plots["data"])
@@ -113,15 +118,21 @@ def test_adding_a_data_set_trains_only_it_and_removing_one_drops_its_outputs(dvc
     kept = [line for line in added.splitlines() if "(trained before; kept)" in line]
     assert len(kept) == 1 and kept[0].startswith("cortex/Integrated_dataset_0:"), added
     assert "cortex/Integrated_dataset_1: 2 replicates" in added and "Running stage 'promote@cortex'" in added
+    assert "cortex, all 2 data sets (4 models): homology rank mean" in added
     assert (out / "train" / "Integrated_dataset_0" / "checkpoints" / "best_valid.pt").stat().st_mtime_ns == first
-    assert set(json.loads((out / "metrics.json").read_text())) == {"Integrated_dataset_0", "Integrated_dataset_1"}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["data_sets"]) == {"Integrated_dataset_0", "Integrated_dataset_1"}
+    assert (metrics["all_data_sets"]["data_sets"], metrics["all_data_sets"]["models"]) == (2, 4)
+    each = [pd.read_csv(out / "embed" / name / "consensus_correlation.csv", index_col=0) for name in metrics["data_sets"]]
+    pooled = pd.read_csv(out / "embed" / "consensus_correlation.csv", index_col=0)
+    assert np.allclose(pooled.to_numpy(), (each[0].to_numpy() + each[1].to_numpy()) / 2)
 
     _train_list(dvc_repo, "cortex", ["Integrated_dataset_1.h5ad"])
     removed = _sh(dvc_repo, "dvc", "repro")
     assert "cortex/Integrated_dataset_1: 2 replicates" in removed and "(trained before; kept)" in removed
     for tree in ("train", "history", "embed"):
-        assert sorted(p.name for p in (out / tree).iterdir()) == ["Integrated_dataset_1"], tree
-    assert set(json.loads((out / "metrics.json").read_text())) == {"Integrated_dataset_1"}
+        assert sorted(p.name for p in (out / tree).iterdir() if p.is_dir()) == ["Integrated_dataset_1"], tree
+    assert set(json.loads((out / "metrics.json").read_text())["data_sets"]) == {"Integrated_dataset_1"}
     assert "up to date" in _sh(dvc_repo, "dvc", "status")
 
 
@@ -138,7 +149,11 @@ def test_experiments_show_their_own_metrics(dvc_repo: Path):
     for rev in (baseline, experiments["seed1"]):
         metrics = rev["data"]["metrics"]["runs/cortex/metrics.json"]
         assert "error" not in metrics, (rev.get("name"), metrics)
-        assert "homology_rank_mean" in next(iter(metrics["data"].values()))
+        assert "homology_rank_mean" in metrics["data"]["all_data_sets"]
+    # the README's way to compare 100-set jobs by their pooled figures alone
+    header = _sh(dvc_repo, "dvc", "exp", "show", "--csv", "--drop", ".*:data_sets").splitlines()[0].split(",")
+    assert "runs/cortex/metrics.json:all_data_sets.homology_rank_consensus" in header, header
+    assert not [column for column in header if ":data_sets." in column], header
     plots = json.loads(_sh(dvc_repo, "dvc", "plots", "diff", "HEAD", "seed1", "--json"))
     assert not plots.get("errors"), plots["errors"]
     revs = {rev for plot in plots["data"]["homology_rank"] for rev in plot.get("revisions", [])}

@@ -117,8 +117,13 @@ class RunLayout:
 
     @property
     def partition_metrics(self) -> Path:
-        """All training sets' metrics of the partition in one file (DVC's `metrics:`)."""
+        """The partition's metrics in one file (DVC's `metrics:`): over all its data sets, and each one's."""
         return self.out / "metrics.json"
+
+    @property
+    def pooled_consensus(self) -> Path:
+        """The consensus correlation over every model of every data set of the job."""
+        return self.out / "embed" / "consensus_correlation.csv"
 
 
 @dataclass(frozen=True)

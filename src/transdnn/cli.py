@@ -252,10 +252,14 @@ def embed(
         )
         return
     kind = checkpoint.value if checkpoint else part.embed.checkpoint
-    all_metrics = _run(embed_partition, partition.value, part, dev, kind, _tracker(settings, params, not no_track))
-    for dataset, m in all_metrics.items():
+    report = _run(embed_partition, partition.value, part, dev, kind, _tracker(settings, params, not no_track))
+    lines = [(f"{partition.value}/{name}", m) for name, m in report["data_sets"].items()]
+    if len(lines) > 1:
+        pooled = report["all_data_sets"]
+        lines.append((f"{partition.value}, all {pooled['data_sets']} data sets ({pooled['models']} models)", pooled))
+    for label, m in lines:
         typer.echo(
-            f"{partition.value}/{dataset}: homology rank mean {m['homology_rank_mean']:.2f}, consensus {m['homology_rank_consensus']:.2f}, "
+            f"{label}: homology rank mean {m['homology_rank_mean']:.2f}, consensus {m['homology_rank_consensus']:.2f}, "
             f"raw expression {m['raw_homology_rank']:.2f} (chance {m['chance_homology_rank']:.1f})"
         )
 

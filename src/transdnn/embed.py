@@ -27,6 +27,7 @@ class Embeddings:
     consensus: np.ndarray  # (H, M)
     consensus_rank: float
     raw_rank: float
+    pair_idx: tuple[torch.Tensor, torch.Tensor]  # positions of each homologous pair's human and mouse region
 
 
 @torch.no_grad()
@@ -58,6 +59,7 @@ def embed_inputs(model: StoredModel, inputs: PartitionInputs, device: torch.devi
         consensus=consensus.numpy(),
         consensus_rank=float(homology_rank(consensus, h_idx, m_idx)),
         raw_rank=raw_rank(inputs.human.means, inputs.mouse.means, h_idx, m_idx),
+        pair_idx=(h_idx, m_idx),
     )
 
 
@@ -73,22 +75,51 @@ def correlation_frame(values: np.ndarray, emb: Embeddings) -> pd.DataFrame:
     return pd.DataFrame(values, index=pd.Index(emb.human_regions, name="human_region"), columns=emb.mouse_regions)
 
 
+def _against_raw(consensus_rank: float, raw: float, n_human: int) -> dict[str, Any]:
+    """What a consensus rank means: set beside raw expression's rank and chance's."""
+    return {
+        "homology_rank_consensus": consensus_rank,
+        "raw_homology_rank": raw,
+        "chance_homology_rank": (n_human + 1) / 2,
+        "improvement_over_raw": (raw - consensus_rank) / raw,
+        "beats_raw": bool(consensus_rank < raw),
+    }
+
+
 def embed_metrics(emb: Embeddings, checkpoint: str, summary: pd.DataFrame | None) -> dict[str, Any]:
-    mean = float(np.mean(emb.ranks))
     metrics: dict[str, Any] = {
         "checkpoint": checkpoint,
         "homology_rank": {str(r): float(v) for r, v in enumerate(emb.ranks)},
-        "homology_rank_mean": mean,
-        "homology_rank_consensus": emb.consensus_rank,
-        "raw_homology_rank": emb.raw_rank,
-        "chance_homology_rank": (len(emb.human_regions) + 1) / 2,
-        "improvement_over_raw": (emb.raw_rank - emb.consensus_rank) / emb.raw_rank,
-        "beats_raw": bool(emb.consensus_rank < emb.raw_rank),
+        "homology_rank_mean": float(np.mean(emb.ranks)),
+        **_against_raw(emb.consensus_rank, emb.raw_rank, len(emb.human_regions)),
     }
     if summary is not None:
         metrics["best_valid_loss"] = float(summary["best_valid_loss"].mean())
         metrics["best_valid_acc"] = float(summary["best_valid_acc"].mean())
     return metrics
+
+
+def pool_data_sets(
+    consensus: list[np.ndarray], per_set: list[dict[str, Any]], last: Embeddings
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """The answer of a whole job (the published one pools 100 data sets x 10 replicates): the mean of the
+    data sets' consensus correlations, each the mean over its replicates, so every model weighs the same;
+    its homology rank, beside the mean rank over every model. `last` gives the regions and pairs, which
+    every data set of a job shares."""
+    pooled = np.mean(consensus, axis=0)
+    ranks = [rank for one in per_set for rank in one["homology_rank"].values()]
+    h_idx, m_idx = last.pair_idx
+    metrics: dict[str, Any] = {
+        "data_sets": len(per_set),
+        "models": len(ranks),
+        "homology_rank_mean": float(np.mean(ranks)),
+        **_against_raw(float(homology_rank(torch.from_numpy(pooled), h_idx, m_idx)), last.raw_rank, len(last.human_regions)),
+    }
+    for key in ("best_valid_loss", "best_valid_acc"):
+        values = [one[key] for one in per_set if key in one]
+        if len(values) == len(per_set):
+            metrics[key] = float(np.mean(values))
+    return pooled, metrics
 
 
 def write_embeddings(emb: Embeddings, layout: RunLayout, metrics: dict[str, Any]) -> list[str]:

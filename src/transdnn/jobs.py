@@ -31,7 +31,7 @@ from transdnn.data import (
     load_training_set,
     read_gene_list,
 )
-from transdnn.embed import embed_inputs, embed_metrics, write_embeddings
+from transdnn.embed import correlation_frame, embed_inputs, embed_metrics, pool_data_sets, write_embeddings
 from transdnn.errors import InputError
 from transdnn.evaluate import check_test_regions, independent_test
 from transdnn.lineage import RunSpec
@@ -320,13 +320,15 @@ def _track_training(
 def embed_partition(
     partition: str, part: PartitionSettings, device: torch.device, checkpoint: str, tracker: Any | None = None
 ) -> dict[str, dict[str, Any]]:
-    """Embed the transform sets with each training set's chosen checkpoint; write CSVs and metrics.json."""
+    """Embed the transform sets with each training set's chosen checkpoint; write CSVs, the consensus over
+    all data sets, and metrics.json, which is returned: `all_data_sets` (the job's pooled answer) and
+    `data_sets` (each set's)."""
     inputs = load_inputs(part.data)
     layouts = [RunLayout.for_training_file(part.out, path) for path in part.data.train_paths]
     # Every training's run is looked up before anything is written: a store that lacks one (swapped or
     # lost since the training) stops the job with no embedding of any data set half-recorded.
     runs = [_training_run(tracker, layout) for layout in layouts]
-    all_metrics = {}
+    all_metrics, consensus = {}, []
     for layout, run in zip(layouts, runs, strict=True):
         started = time.perf_counter()
         stored = load_model(layout, checkpoint)
@@ -342,8 +344,13 @@ def embed_partition(
         # job), measured in the process: differences between processes drown it in start-up noise on a GPU
         write_json(layout.embed_info, {"data_set_seconds": finished - started, "track_seconds": finished - tracking})
         all_metrics[layout.dataset] = metrics
-    write_json(RunLayout(part.out, "").partition_metrics, all_metrics)
-    return all_metrics
+        consensus.append(emb.consensus)
+    pooled, pooled_metrics = pool_data_sets(consensus, list(all_metrics.values()), emb)
+    partition = RunLayout(part.out, "")
+    write_csv(partition.pooled_consensus, correlation_frame(pooled, emb))
+    report = {"all_data_sets": pooled_metrics, "data_sets": all_metrics}
+    write_json(partition.partition_metrics, report)
+    return report
 
 
 def _recorded_run_id(layout: RunLayout) -> str | None:

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -104,10 +105,14 @@ def test_metrics_plots_and_champions(dvc_repo: Path):
     assert client.get_model_version_by_alias("transdnn-cortex", "champion")
 
 
-def _train_list(repo: Path, partition: str, names: list[str]) -> None:
+def _edit_params(repo: Path, edit: Callable[[dict], object]) -> None:
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params[partition]["data"]["train"] = names
+    edit(params)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _train_list(repo: Path, partition: str, names: list[str]) -> None:
+    _edit_params(repo, lambda p: p[partition]["data"].update(train=names))
 
 
 def test_adding_a_data_set_trains_only_it_and_removing_one_drops_its_outputs(dvc_repo: Path):
@@ -164,10 +169,8 @@ def test_a_killed_dvc_repro_is_finished_by_dvc_repro(dvc_repo: Path):
     """SIGKILL the whole `dvc repro` mid-training: the next `dvc repro` continues the killed training (same
     MLflow run) instead of starting over, and ends with a clean status."""
     _train_list(dvc_repo, "cortex", ["Integrated_dataset_0.h5ad"])
-    params = yaml.safe_load((dvc_repo / "params.yaml").read_text())
-    params["cortex"]["model"]["hidden_units"] = [64, 64, 64]
-    params["cortex"]["train"].update(max_epochs=150, patience=1000, state_every_s=0)
-    (dvc_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _edit_params(dvc_repo, lambda p: p["cortex"]["model"].update(hidden_units=[64, 64, 64]))
+    _edit_params(dvc_repo, lambda p: p["cortex"]["train"].update(max_epochs=150, patience=1000, state_every_s=0))
     root = dvc_repo / "runs" / "cortex" / "train" / "Integrated_dataset_0"
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.Popen(
@@ -191,9 +194,7 @@ def test_a_killed_dvc_repro_is_finished_by_dvc_repro(dvc_repo: Path):
 
 
 def test_changing_one_partition_reruns_only_its_stages(dvc_repo: Path):
-    params = yaml.safe_load((dvc_repo / "params.yaml").read_text())
-    params["cortex"]["train"]["learning_rate"] = 1e-4
-    (dvc_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _edit_params(dvc_repo, lambda p: p["cortex"]["train"].update(learning_rate=1e-4))
     status = _sh(dvc_repo, "dvc", "status", "--json")
     changed = set(json.loads(status))
     assert "train@cortex" in changed

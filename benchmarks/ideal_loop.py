@@ -28,7 +28,7 @@ def main() -> None:
     X = torch.randn(a.rows, a.genes, device=device)
     Y = torch.randint(0, a.classes, (R, a.rows), device=device)
     model = StackedMLP(R, a.genes, [a.hidden] * 3, a.classes, 0.1, "unit")
-    model.reset_parameters(seeds_for(0, R))
+    model.reset_parameters(seeds_for(0, R, "ideal"))
     model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=6e-5, weight_decay=1e-6, fused=True)
     buffer = torch.empty(R * B, a.genes, device=device)

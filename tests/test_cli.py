@@ -13,6 +13,7 @@ import yaml
 from typer.testing import CliRunner
 
 from conftest import TinyData, make_tiny
+from transdnn.checkpoints import RunLayout, load_model
 from transdnn.cli import app
 
 runner = CliRunner()
@@ -70,6 +71,11 @@ def test_resume_keeps_the_data_sets_a_killed_job_had_finished(params: Path, tiny
     train = tmp_path / "runs" / "cortex" / "train"
     assert runner.invoke(app, ["train", "cortex", "--params", str(params), "--no-track"]).exit_code == 0
     first = (train / "Integrated_dataset_0" / "checkpoints" / "best_valid.pt").stat().st_mtime_ns
+    # two copies of one file are two data sets: their replicates are seeded apart, as unseeded runs would be
+    first_layer = [
+        load_model(RunLayout(train.parent, f"Integrated_dataset_{k}"), "best_valid").state["weights.0"] for k in (0, 1)
+    ]
+    assert not torch.equal(*first_layer)
     (train / "Integrated_dataset_1" / "train.json").unlink()  # killed before the second set finished
     shutil.copy(tiny.train, tiny.train.with_name("Integrated_dataset_2.h5ad"))  # and a set is added
     raw["cortex"]["data"]["train"].append("Integrated_dataset_2.h5ad")

@@ -21,7 +21,7 @@ def _reference(net: StackedMLP, r: int) -> nn.Sequential:
 
 def test_stacked_forward_equals_independent_models():
     net = StackedMLP(3, 7, [5, 5, 5], 4, dropout=0.1, dropout_mode="unit")
-    net.reset_parameters(seeds_for(0, 3))
+    net.reset_parameters(seeds_for(0, 3, "a"))
     net.eval()
     x = torch.randn(3, 6, 7)
     logits, emb = net(x)
@@ -34,7 +34,7 @@ def test_stacked_forward_equals_independent_models():
 @pytest.mark.parametrize("inputs_need_grad", [False, True])
 def test_stacked_gradients_equal_independent_models(inputs_need_grad: bool):
     net = StackedMLP(3, 40, [6, 6, 6], 4, dropout=0.0, dropout_mode="unit")
-    net.reset_parameters(seeds_for(0, 3))
+    net.reset_parameters(seeds_for(0, 3, "a"))
     x = torch.randn(3, 9, 40, requires_grad=inputs_need_grad)
     logits, _ = net(x)
     logits.square().sum().backward()
@@ -98,3 +98,12 @@ def test_unit_dropout_preserves_the_mean_in_training_and_is_off_in_eval():
     assert abs(float(out.mean()) - 1.0) < 0.01
     assert 0.29 < float((out == 0).float().mean()) < 0.31
     assert torch.equal(net.eval().head(emb), emb)
+
+
+def test_seeds_are_the_data_sets_own():
+    seeds = seeds_for(0, 10, "Integrated_dataset_0")
+    assert seeds == seeds_for(0, 10, "Integrated_dataset_0"), "reproducible"
+    assert len(set(seeds)) == 10
+    others = [seeds_for(0, 10, f"Integrated_dataset_{k}") for k in range(1, 100)] + [seeds_for(1, 10, "Integrated_dataset_0")]
+    assert all(not set(seeds) & set(other) for other in others), "no replicate shares a seed with another set's or run's"
+    assert seeds_for(0, 3, "a") == seeds_for(0, 10, "a")[:3], "more replicates keep the first ones' seeds"

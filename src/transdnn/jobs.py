@@ -229,7 +229,7 @@ def train_partition(
                 "samples": train_set.n_samples,
                 "device": str(device),
             },
-            seeds=seeds_for(part.train.seed, part.train.replicates),
+            seeds=seeds_for(part.train.seed, part.train.replicates, layout.dataset),
             inputs={
                 "train": path,
                 "human": part.data.human,

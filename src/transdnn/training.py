@@ -122,7 +122,7 @@ class Trainer:
         n_in, n_out = check_shapes(train, settings)
         self.train_set = train
         R = self.cfg.replicates
-        self.seeds = seeds_for(self.cfg.seed, R)
+        self.seeds = seeds_for(self.cfg.seed, R, train.path.stem)
         self.X = torch.from_numpy(train.X).to(device)
         split = _splits(train, self.cfg.valid_ratio, self.seeds)
         self.train_idx = [torch.from_numpy(t) for t in split.train_idx]

@@ -1,11 +1,21 @@
-"""Workflow helpers that are pure functions: the per-epoch curves DVC plots."""
+"""Workflows: the per-epoch curves DVC plots, and how a multi-set job holds its data sets."""
 
 from __future__ import annotations
 
+import gc
+import shutil
+import weakref
+from pathlib import Path
+
 import pandas as pd
 import pytest
+import torch
 
+from conftest import TinyData
+from transdnn import jobs
+from transdnn.data import GeneList, TrainingSet, load_training_set
 from transdnn.jobs import mean_curves
+from transdnn.settings import load_settings
 from transdnn.training import EPOCH_METRICS
 
 
@@ -20,3 +30,25 @@ def test_mean_curves_average_the_replicates_that_reached_each_epoch():
     assert curves["epoch"].tolist() == [0, 1, 2]
     assert curves["homology_rank"].tolist() == pytest.approx([3.0, 2.0, 2.0])
     assert curves["replicates"].tolist() == [3, 3, 1]
+
+
+def test_a_job_frees_each_data_set_before_it_loads_the_next(params: Path, tiny: TinyData, monkeypatch: pytest.MonkeyPatch):
+    """A 100-set job needs the memory of one set (the published sets are ~1 GB each), not of two."""
+    for k in (1, 2):
+        shutil.copy(tiny.train, tiny.train.with_name(f"Integrated_dataset_{k}.h5ad"))
+    part = load_settings(params).cortex
+    part = part.model_copy(update={"data": part.data.model_copy(update={"train": ["Integrated_dataset_*.h5ad"]})})
+    loaded: list[weakref.ref[TrainingSet]] = []
+    alive: list[int] = []
+
+    def load(path: Path, genes: GeneList) -> TrainingSet:  # the real loader, watched
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in loaded))
+        train_set = load_training_set(path, genes)
+        loaded.append(weakref.ref(train_set))
+        return train_set
+
+    monkeypatch.setattr(jobs, "load_training_set", load)
+    outcomes = jobs.train_partition("cortex", part, torch.device("cpu"))
+    assert [o.dataset for o in outcomes] == [f"Integrated_dataset_{k}" for k in range(3)]
+    assert alive == [0, 0, 0], "an earlier data set was still held when the next one loaded"

@@ -209,86 +209,103 @@ def train_partition(
         _drop_unlisted(part.out, list(layouts.values()))
     outcomes = []
     for path, layout in layouts.items():
-        started = time.perf_counter()
-        if (done := trained[path]) is not None:
-            outcomes.append(done)
-            continue
-        train_set = load_training_set(path, inputs.genes)
-        check_shapes(train_set, part)  # before anything is written
-        if check is not None:
-            check(train_set)
-        made_from = _made_from(part, path)
-        spec = RunSpec(
-            partition=partition,
-            dataset=layout.dataset,
-            params=part.model_dump(mode="json"),
-            info={
-                "rows": train_set.X.shape[0],
-                "genes": train_set.X.shape[1],
-                "regions": len(train_set.regions),
-                "samples": train_set.n_samples,
-                "device": str(device),
-            },
-            seeds=seeds_for(part.train.seed, part.train.replicates, layout.dataset),
-            inputs={
-                "train": path,
-                "human": part.data.human,
-                "mouse": part.data.mouse,
-                "genes": part.data.genes,
-                "homology": part.data.homology,
-            },
-            stage=stage,
-        )
-        current = layout.state.current() if resume else None
-        record = json.loads(layout.run_record.read_text()) if current is not None and layout.run_record.is_file() else {}
-        # a killed training of other settings, files or code is not continued; a record without "made_from"
-        # was written before transdnn kept it: that one is resumed as asked
-        restarted = record.get("made_from", made_from) != made_from
-        resume_from = load_state(current, train_set, part) if current is not None and not restarted else None
-        resume_id = record.get("run_id") if resume_from is not None else None
-        ctx = tracker.training(spec, resume_id) if tracker else nullcontext()
-        with ctx as run:  # the older training's outputs go only once the store has opened this one's run
-            if resume_from is None:
-                _clear(layout)
-            if run is not None or resume_from is None:  # an untracked resume keeps the killed run's record
-                write_json(layout.run_record, {"run_id": run.parent_id if run else None, "made_from": made_from})
-            result = train(train_set, inputs, part, device, _Fanout(run, progress), layout.state, resume_from)
-            saving = time.perf_counter()
-            meta = _meta(partition, part, result, layout.dataset)
-            stored = {kind: _stored(result, meta, kind, part.train.checkpoint_dtype) for kind in result.checkpoints}
-            history_files = _save_training(result, layout, stored)
-            chosen_model = stored[part.embed.checkpoint]
-            chosen = embed_inputs(chosen_model, inputs, device).ranks
-            tracking = time.perf_counter()
-            if run is not None:
-                _track_training(run, result, meta, history_files, chosen, chosen_model, train_set.X[:EXAMPLE_ROWS])
-            finished = time.perf_counter()
-            write_json(
-                layout.train_info,
-                {
-                    "partition": partition,
-                    "dataset": layout.dataset,
-                    "run_id": run.parent_id if run else None,
-                    "checkpoint": part.embed.checkpoint,
-                    "chosen_homology_rank": [float(x) for x in chosen],
-                    "made_from": made_from,
-                    "history": _files_digest(history_files),
-                    "epochs_run": [int(x) for x in result.summary["epochs_run"]],
-                    "seconds": result.seconds,
-                    # after the epochs: writing checkpoints and history and ranking the chosen one; logging
-                    # the run's summary, plots and one model per replicate to MLflow
-                    "after_training_seconds": {"save": tracking - saving, "track": finished - tracking},
-                    # this data set's wall time in the process (loading, training, saving, tracking):
-                    # what each further data set of a multi-set job costs, without start-up
-                    "data_set_seconds": time.perf_counter() - started,
-                },
-            )
-            layout.state.remove()  # finished: the resume state is no longer needed
-        run_id = run.parent_id if run else None
-        outcomes.append(TrainOutcome(partition, layout.dataset, layout, run_id, result.summary, chosen, restarted=restarted))
+        done = trained[path]
+        if done is None:  # one set at a time: its matrix and model are freed before the next set loads
+            done = _train_data_set(partition, part, path, layout, inputs, device, tracker, progress, stage, resume, check)
+        outcomes.append(done)
     histories = [pd.read_csv(layout.history(r)) for layout in layouts.values() for r in range(part.train.replicates)]
     write_csv(RunLayout(part.out, "").curves, mean_curves(histories), index=False)
     return outcomes
+
+
+def _train_data_set(
+    partition: str,
+    part: PartitionSettings,
+    path: Path,
+    layout: RunLayout,
+    inputs: PartitionInputs,
+    device: torch.device,
+    tracker: Any | None,
+    progress: TrainingSink | None,
+    stage: str | None,
+    resume: bool,
+    check: Callable[[TrainingSet], None] | None,
+) -> TrainOutcome:
+    """Load, train, save and track one data set of a job (see `train_partition`)."""
+    started = time.perf_counter()
+    train_set = load_training_set(path, inputs.genes)
+    check_shapes(train_set, part)  # before anything is written
+    if check is not None:
+        check(train_set)
+    made_from = _made_from(part, path)
+    spec = RunSpec(
+        partition=partition,
+        dataset=layout.dataset,
+        params=part.model_dump(mode="json"),
+        info={
+            "rows": train_set.X.shape[0],
+            "genes": train_set.X.shape[1],
+            "regions": len(train_set.regions),
+            "samples": train_set.n_samples,
+            "device": str(device),
+        },
+        seeds=seeds_for(part.train.seed, part.train.replicates, layout.dataset),
+        inputs={
+            "train": path,
+            "human": part.data.human,
+            "mouse": part.data.mouse,
+            "genes": part.data.genes,
+            "homology": part.data.homology,
+        },
+        stage=stage,
+    )
+    current = layout.state.current() if resume else None
+    record = json.loads(layout.run_record.read_text()) if current is not None and layout.run_record.is_file() else {}
+    # a killed training of other settings, files or code is not continued; a record without "made_from"
+    # was written before transdnn kept it: that one is resumed as asked
+    restarted = record.get("made_from", made_from) != made_from
+    resume_from = load_state(current, train_set, part) if current is not None and not restarted else None
+    resume_id = record.get("run_id") if resume_from is not None else None
+    ctx = tracker.training(spec, resume_id) if tracker else nullcontext()
+    with ctx as run:  # the older training's outputs go only once the store has opened this one's run
+        if resume_from is None:
+            _clear(layout)
+        if run is not None or resume_from is None:  # an untracked resume keeps the killed run's record
+            write_json(layout.run_record, {"run_id": run.parent_id if run else None, "made_from": made_from})
+        result = train(train_set, inputs, part, device, _Fanout(run, progress), layout.state, resume_from)
+        saving = time.perf_counter()
+        meta = _meta(partition, part, result, layout.dataset)
+        stored = {kind: _stored(result, meta, kind, part.train.checkpoint_dtype) for kind in result.checkpoints}
+        history_files = _save_training(result, layout, stored)
+        chosen_model = stored[part.embed.checkpoint]
+        chosen = embed_inputs(chosen_model, inputs, device).ranks
+        tracking = time.perf_counter()
+        if run is not None:
+            _track_training(run, result, meta, history_files, chosen, chosen_model, train_set.X[:EXAMPLE_ROWS])
+        finished = time.perf_counter()
+        write_json(
+            layout.train_info,
+            {
+                "partition": partition,
+                "dataset": layout.dataset,
+                "run_id": run.parent_id if run else None,
+                "checkpoint": part.embed.checkpoint,
+                "chosen_homology_rank": [float(x) for x in chosen],
+                "made_from": made_from,
+                "history": _files_digest(history_files),
+                "epochs_run": [int(x) for x in result.summary["epochs_run"]],
+                "seconds": result.seconds,
+                # after the epochs: writing checkpoints and history and ranking the chosen one; logging
+                # the run's summary, plots and one model per replicate to MLflow
+                "after_training_seconds": {"save": tracking - saving, "track": finished - tracking},
+                # this data set's wall time in the process (loading, training, saving, tracking):
+                # what each further data set of a multi-set job costs, without start-up
+                "data_set_seconds": time.perf_counter() - started,
+            },
+        )
+        layout.state.remove()  # finished: the resume state is no longer needed
+    run_id = run.parent_id if run else None
+    return TrainOutcome(partition, layout.dataset, layout, run_id, result.summary, chosen, restarted=restarted)
 
 
 def _track_training(

@@ -68,6 +68,20 @@ def test_runs_children_metrics_and_inputs(params: Path, tracking_uri: str):
         assert "embedding/human_embedding.csv" in arts
     parent_arts = {a.path for a in client.list_artifacts(run_id, "embedding")}
     assert {"embedding/metrics.json", "embedding/consensus_heatmap.png", "embedding/consensus_correlation.csv"} <= parent_arts
+    # the job's pooled answer has a run of its own, to compare jobs by
+    (job,) = client.search_runs([parent.info.experiment_id], "tags.`transdnn.role` = 'job'")
+    pooled = json.loads((params.parent / "runs" / "cortex" / "metrics.json").read_text())["all_data_sets"]
+    assert job.info.status == "FINISHED" and job.data.tags["partition"] == "cortex" and job.data.tags["data_sets"] == "1"
+    assert job.data.metrics["homology_rank_consensus"] == pooled["homology_rank_consensus"]
+    # the trainings' settings (--max-epochs 4 here), not params.yaml's, with the code the job ran under
+    assert job.data.params["train.max_epochs"] == "4" and job.data.params["git_commit"] == parent.data.params["git_commit"]
+    assert job.data.tags["checkpoint"] == "best_valid"
+    assert {a.path for a in client.list_artifacts(job.info.run_id)} == {
+        "consensus_correlation.csv",
+        "consensus_heatmap.png",
+        "data_sets.json",
+    }
+    assert mlflow.artifacts.load_dict(f"runs:/{job.info.run_id}/data_sets.json") == {"Integrated_dataset_0": run_id}
 
 
 def test_promote_champion_loads_and_reproduces_run_embeddings(params: Path, tracking_uri: str, tiny: TinyData, tmp_path: Path):

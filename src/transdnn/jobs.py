@@ -363,11 +363,35 @@ def embed_partition(
         all_metrics[layout.dataset] = metrics
         consensus.append(emb.consensus)
     pooled, pooled_metrics = pool_data_sets(consensus, list(all_metrics.values()), emb)
-    partition = RunLayout(part.out, "")
-    write_csv(partition.pooled_consensus, correlation_frame(pooled, emb))
+    job = RunLayout(part.out, "")
+    write_csv(job.pooled_consensus, correlation_frame(pooled, emb))
     report = {"all_data_sets": pooled_metrics, "data_sets": all_metrics}
-    write_json(partition.partition_metrics, report)
+    if tracker is not None:
+        trained = {layout.dataset: run.parent_id if run else None for layout, run in zip(layouts, runs, strict=True)}
+        _track_job(tracker, partition, checkpoint, pooled_metrics, trained, job.pooled_consensus, inputs)
+    write_json(job.partition_metrics, report)
     return report
+
+
+def _track_job(
+    tracker: Any,
+    partition: str,
+    checkpoint: str,
+    metrics: dict[str, Any],
+    trained: dict[str, str | None],
+    consensus: Path,
+    inputs: PartitionInputs,
+) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        png = _consensus_heatmap(consensus, inputs, Path(tmp), f"consensus correlation, {len(trained)} data set(s)")
+        tracker.record_job(partition, checkpoint, metrics, trained, [consensus, png])
+
+
+def _consensus_heatmap(consensus: Path, inputs: PartitionInputs, folder: Path, title: str) -> Path:
+    from transdnn.plots import heatmap
+
+    pairs = list(zip(inputs.homology.human, inputs.homology.mouse, strict=True))
+    return heatmap(pd.read_csv(consensus, index_col=0), pairs, folder / "consensus_heatmap.png", title)
 
 
 def _recorded_run_id(layout: RunLayout) -> str | None:
@@ -382,8 +406,6 @@ def _training_run(tracker: Any | None, layout: RunLayout) -> Any | None:
 
 
 def _track_embedding(run: Any, layout: RunLayout, emb: Any, inputs: PartitionInputs, metrics: dict[str, Any]) -> None:
-    from transdnn.plots import heatmap
-
     for r in range(len(emb.ranks)):
         folder = layout.replicate_dir(r)
         run.log_artifacts(
@@ -391,12 +413,7 @@ def _track_embedding(run: Any, layout: RunLayout, emb: Any, inputs: PartitionInp
         )
     consensus = layout.embed_dir / "consensus_correlation.csv"
     with tempfile.TemporaryDirectory() as tmp:
-        png = heatmap(
-            pd.read_csv(consensus, index_col=0),
-            list(zip(inputs.homology.human, inputs.homology.mouse, strict=True)),
-            Path(tmp) / "consensus_heatmap.png",
-            "consensus correlation",
-        )
+        png = _consensus_heatmap(consensus, inputs, Path(tmp), "consensus correlation")
         run.log_artifacts(None, [consensus, png, layout.metrics], "embedding")
     run.log_parent_metrics({k: v for k, v in metrics.items() if isinstance(v, float)})
 

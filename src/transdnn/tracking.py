@@ -45,6 +45,7 @@ from transdnn.training import EPOCH_METRICS
 
 T = TypeVar("T")
 PARENT_ROLE = "training"
+JOB_ROLE = "job"  # a job's pooled answer over all its data sets (embed)
 FLUSH_SECONDS = 30.0  # how stale the MLflow UI's per-epoch curves may be during a training
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch
 _MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
@@ -417,17 +418,7 @@ class Tracker:
         tags.update({f"md5.{name}": d for name, d in digests.items()})
         parent = retry(lambda: self.client.create_run(self.experiment_id, tags=tags))
         pid = parent.info.run_id
-        flat = {
-            **flatten("", spec.params),
-            **{k: str(v) for k, v in spec.info.items()},
-            "transdnn_version": transdnn.__version__,
-            "git_commit": git_commit(self.project),
-        }
-        items = list(flat.items())
-        for start in range(0, len(items), 100):
-            retry(
-                lambda chunk=items[start : start + 100]: self.client.log_batch(pid, params=[Param(k, v[:6000]) for k, v in chunk])
-            )
+        self._log_params(pid, {**flatten("", spec.params), **{k: str(v) for k, v in spec.info.items()}})
         with mlflow.start_run(run_id=pid):
             for name, path in inputs.items():
                 ds = MetaDataset(_local_source(path), name=f"{name}:{path.name}", digest=digests[name])
@@ -450,6 +441,47 @@ class Tracker:
             )
             children.append(child.info.run_id)
         return TrainingRun(self.client, pid, children)
+
+    def _log_params(self, run_id: str, flat: dict[str, str]) -> None:
+        """The settings, with the code they ran under, in batches the store accepts."""
+        items = [*flat.items(), ("transdnn_version", transdnn.__version__), ("git_commit", git_commit(self.project))]
+        for start in range(0, len(items), 100):
+            retry(
+                lambda chunk=items[start : start + 100]: self.client.log_batch(
+                    run_id, params=[Param(k, v[:6000]) for k, v in chunk]
+                )
+            )
+
+    def record_job(
+        self, partition: str, checkpoint: str, metrics: dict[str, Any], runs: dict[str, str | None], files: list[Path]
+    ) -> str:
+        """One run (role `job`) for the pooled answer of a job over all its data sets: the row to compare
+        jobs by in the MLflow UI. It holds the params every data set's training run shares (the job's
+        settings, whatever CLI options the trainings had), the pooled figures, `files` (the pooled
+        consensus and its heatmap) and `data_sets.json`, the training run of each data set."""
+        tags = {
+            "partition": partition,
+            "transdnn.role": JOB_ROLE,
+            "data_sets": str(len(runs)),
+            "checkpoint": checkpoint,
+            "mlflow.runName": f"{partition}-all-data-sets",
+        }
+        trainings = [retry(lambda rid=rid: self.client.get_run(rid)).data.params for rid in runs.values() if rid]
+        shared = {k: v for k, v in trainings[0].items() if all(t.get(k) == v for t in trainings)} if trainings else {}
+        run_id = retry(lambda: self.client.create_run(self.experiment_id, tags=tags)).info.run_id
+        try:
+            self._log_params(run_id, {k: v for k, v in shared.items() if k not in ("transdnn_version", "git_commit")})
+            now = int(time.time() * 1000)
+            figures = [Metric(k, v, now, 0) for k, v in metrics.items() if isinstance(v, float)]
+            retry(lambda: self.client.log_batch(run_id, metrics=figures))
+            for f in files:
+                self.client.log_artifact(run_id, str(f))
+            self.client.log_dict(run_id, runs, "data_sets.json")
+        except BaseException:
+            retry(lambda: self.client.set_terminated(run_id, "FAILED"))
+            raise
+        retry(lambda: self.client.set_terminated(run_id, "FINISHED"))
+        return run_id
 
     def reopen(self, run_id: str) -> TrainingRun:
         """The run of an earlier training (for embed): its children in replicate order."""

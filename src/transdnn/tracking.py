@@ -454,7 +454,7 @@ class Tracker:
 
     def record_job(
         self, partition: str, checkpoint: str, metrics: dict[str, Any], runs: dict[str, str | None], files: list[Path]
-    ) -> str:
+    ) -> None:
         """One run (role `job`) for the pooled answer of a job over all its data sets: the row to compare
         jobs by in the MLflow UI. It holds the params every data set's training run shares (the job's
         settings, whatever CLI options the trainings had), the pooled figures, `files` (the pooled
@@ -481,7 +481,6 @@ class Tracker:
             retry(lambda: self.client.set_terminated(run_id, "FAILED"))
             raise
         retry(lambda: self.client.set_terminated(run_id, "FINISHED"))
-        return run_id
 
     def reopen(self, run_id: str) -> TrainingRun:
         """The run of an earlier training (for embed): its children in replicate order."""

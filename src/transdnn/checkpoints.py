@@ -101,6 +101,12 @@ class RunLayout:
         return self.embed_dir / "metrics.json"
 
     @property
+    def consensus(self) -> Path:
+        """The consensus correlation over the data set's replicates; for the partition's layout (no data set
+        name), over every model of every data set of the job."""
+        return self.embed_dir / "consensus_correlation.csv"
+
+    @property
     def embed_info(self) -> Path:
         """The embed stage's own accounting for this data set, as train.json is the training's."""
         return self.embed_dir / "embed.json"
@@ -119,11 +125,6 @@ class RunLayout:
     def partition_metrics(self) -> Path:
         """The partition's metrics in one file (DVC's `metrics:`): over all its data sets, and each one's."""
         return self.out / "metrics.json"
-
-    @property
-    def pooled_consensus(self) -> Path:
-        """The consensus correlation over every model of every data set of the job."""
-        return self.out / "embed" / "consensus_correlation.csv"
 
 
 @dataclass(frozen=True)

@@ -130,6 +130,6 @@ def write_embeddings(emb: Embeddings, layout: RunLayout, metrics: dict[str, Any]
         written.append(write_csv(folder / "human_embedding.csv", embedding_frame(emb.human[r], emb.human_regions)))
         written.append(write_csv(folder / "mouse_embedding.csv", embedding_frame(emb.mouse[r], emb.mouse_regions)))
         written.append(write_csv(folder / "correlation.csv", correlation_frame(emb.correlation[r], emb)))
-    written.append(write_csv(layout.embed_dir / "consensus_correlation.csv", correlation_frame(emb.consensus, emb)))
+    written.append(write_csv(layout.consensus, correlation_frame(emb.consensus, emb)))
     written.append(write_json(layout.metrics, metrics))
     return [str(p) for p in written]

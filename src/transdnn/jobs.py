@@ -364,11 +364,12 @@ def embed_partition(
         consensus.append(emb.consensus)
     pooled, pooled_metrics = pool_data_sets(consensus, list(all_metrics.values()), emb)
     job = RunLayout(part.out, "")
-    write_csv(job.pooled_consensus, correlation_frame(pooled, emb))
+    pooled_frame = correlation_frame(pooled, emb)
+    write_csv(job.consensus, pooled_frame)
     report = {"all_data_sets": pooled_metrics, "data_sets": all_metrics}
     if tracker is not None:
         trained = {layout.dataset: run.parent_id if run else None for layout, run in zip(layouts, runs, strict=True)}
-        _track_job(tracker, partition, checkpoint, pooled_metrics, trained, job.pooled_consensus, inputs)
+        _track_job(tracker, partition, checkpoint, pooled_metrics, trained, job.consensus, pooled_frame, inputs)
     write_json(job.partition_metrics, report)
     return report
 
@@ -380,18 +381,20 @@ def _track_job(
     metrics: dict[str, Any],
     trained: dict[str, str | None],
     consensus: Path,
+    frame: pd.DataFrame,
     inputs: PartitionInputs,
 ) -> None:
+    """`consensus`: the pooled consensus CSV as written; `frame`: its values, drawn without reading it back."""
     with tempfile.TemporaryDirectory() as tmp:
-        png = _consensus_heatmap(consensus, inputs, Path(tmp), f"consensus correlation, {len(trained)} data set(s)")
+        png = _consensus_heatmap(frame, inputs, Path(tmp), f"consensus correlation, {len(trained)} data set(s)")
         tracker.record_job(partition, checkpoint, metrics, trained, [consensus, png])
 
 
-def _consensus_heatmap(consensus: Path, inputs: PartitionInputs, folder: Path, title: str) -> Path:
+def _consensus_heatmap(frame: pd.DataFrame, inputs: PartitionInputs, folder: Path, title: str) -> Path:
     from transdnn.plots import heatmap
 
     pairs = list(zip(inputs.homology.human, inputs.homology.mouse, strict=True))
-    return heatmap(pd.read_csv(consensus, index_col=0), pairs, folder / "consensus_heatmap.png", title)
+    return heatmap(frame, pairs, folder / "consensus_heatmap.png", title)
 
 
 def _recorded_run_id(layout: RunLayout) -> str | None:
@@ -411,10 +414,9 @@ def _track_embedding(run: Any, layout: RunLayout, emb: Any, inputs: PartitionInp
         run.log_artifacts(
             r, [folder / "human_embedding.csv", folder / "mouse_embedding.csv", folder / "correlation.csv"], "embedding"
         )
-    consensus = layout.embed_dir / "consensus_correlation.csv"
     with tempfile.TemporaryDirectory() as tmp:
-        png = _consensus_heatmap(consensus, inputs, Path(tmp), "consensus correlation")
-        run.log_artifacts(None, [consensus, png, layout.metrics], "embedding")
+        png = _consensus_heatmap(correlation_frame(emb.consensus, emb), inputs, Path(tmp), "consensus correlation")
+        run.log_artifacts(None, [layout.consensus, png, layout.metrics], "embedding")
     run.log_parent_metrics({k: v for k, v in metrics.items() if isinstance(v, float)})
 
 

@@ -443,8 +443,8 @@ class Tracker:
         return TrainingRun(self.client, pid, children)
 
     def _log_params(self, run_id: str, flat: dict[str, str]) -> None:
-        """The settings, with the code they ran under, in batches the store accepts."""
-        items = [*flat.items(), ("transdnn_version", transdnn.__version__), ("git_commit", git_commit(self.project))]
+        """The settings, with the code they ran under (this process's, over any in `flat`), in batches the store accepts."""
+        items = list({**flat, "transdnn_version": transdnn.__version__, "git_commit": git_commit(self.project)}.items())
         for start in range(0, len(items), 100):
             retry(
                 lambda chunk=items[start : start + 100]: self.client.log_batch(
@@ -470,7 +470,7 @@ class Tracker:
         shared = {k: v for k, v in trainings[0].items() if all(t.get(k) == v for t in trainings)} if trainings else {}
         run_id = retry(lambda: self.client.create_run(self.experiment_id, tags=tags)).info.run_id
         try:
-            self._log_params(run_id, {k: v for k, v in shared.items() if k not in ("transdnn_version", "git_commit")})
+            self._log_params(run_id, shared)  # the code is the job's, not the trainings'
             now = int(time.time() * 1000)
             figures = [Metric(k, v, now, 0) for k, v in metrics.items() if isinstance(v, float)]
             retry(lambda: self.client.log_batch(run_id, metrics=figures))

@@ -191,6 +191,24 @@ def test_require_better_keeps_the_better_champion(criterion: str, params: Path, 
     assert client.get_model_version_by_alias("transdnn-cortex", "previous").version == first.version
 
 
+def test_require_better_compares_exact_figures_not_the_rounded_tags(params: Path, tracking_uri: str):
+    """Two trainings tie on rank and differ in valid loss below the fourth decimal that version tags
+    show: the worse must not replace the better, and `registry show --json` gives the exact figures."""
+    runs = [_train_embed(params, "--seed", seed, "--replicates", "1") for seed in ("1", "2")]
+    client = MlflowClient(tracking_uri)
+    (held,), (worse,) = (candidates(client, [run]) for run in runs)
+    for cand, loss in ((held, 1.73276), (worse, 1.73278)):  # both 1.7328 when rounded
+        client.log_metric(cand.run_id, "chosen_homology_rank", 1.0)
+        client.log_metric(cand.run_id, "best_valid_loss", loss)
+    _ok(["promote", "cortex", "--params", str(params), "--run-id", runs[0]])
+    out = _ok(["promote", "cortex", "--params", str(params), "--run-id", runs[1], "--require-better"])
+    assert "kept" in out and "does not beat" in out, out
+    (shown,) = json.loads(_ok(["registry", "show", "cortex", "--params", str(params), "--json"]))
+    assert shown["run_id"] == held.run_id
+    assert (shown["replicate"], shown["chosen_homology_rank"], shown["best_valid_loss"]) == (0, 1.0, 1.73276)
+    assert shown["dataset"] == "Integrated_dataset_0" and shown["version"] == 1
+
+
 def test_promote_unknown_run_exits_2(params: Path, tracking_uri: str):
     result = runner.invoke(app, ["promote", "cortex", "--params", str(params), "--run-id", "0" * 32])
     assert result.exit_code == 2

@@ -329,9 +329,12 @@ def registry_show(
     if not rows:
         typer.echo("no registered champion yet: run `transdnn promote PARTITION`")
     for r in rows:
-        typer.echo(
-            f"{r['partition']:<10} {r['alias']:<9} v{r['version']:<4} run {r['run_id']} replicate {r['replicate']} rank {r['chosen_homology_rank']} valid_loss {r['best_valid_loss']}  {r['uri']}"
+        figures = (
+            "(its run is gone)"
+            if r["replicate"] is None
+            else f"{r['dataset']} replicate {r['replicate']} rank {r['chosen_homology_rank']:.4f} valid_loss {r['best_valid_loss']:.4f}"
         )
+        typer.echo(f"{r['partition']:<10} {r['alias']:<9} v{r['version']:<4} run {r['run_id']} {figures}  {r['uri']}")
 
 
 def main() -> None:

@@ -7,9 +7,11 @@ in params.yaml, moves `champion` to it and keeps the former champion as `previou
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Any
 
+from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -78,21 +80,31 @@ def _run_candidates(client: MlflowClient, run_id: str) -> list[Candidate]:
     except MlflowException:
         raise TrackingError(f"run {run_id}: not found (expected a training run id)") from None
     kids = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'", max_results=1000)
-    out = []
-    for k in kids:
-        if "model_uri" not in k.data.tags or "chosen_homology_rank" not in k.data.metrics:
-            continue
-        out.append(
-            Candidate(
-                run_id=k.info.run_id,
-                replicate=int(k.data.tags["replicate"]),
-                model_uri=k.data.tags["model_uri"],
-                rank=k.data.metrics["chosen_homology_rank"],
-                valid_loss=k.data.metrics["best_valid_loss"],
-                dataset=k.data.tags.get("dataset", ""),
-            )
-        )
-    return sorted(out, key=lambda c: c.replicate)
+    return sorted((c for c in map(_candidate, kids) if c is not None), key=lambda c: c.replicate)
+
+
+def _candidate(run: Run) -> Candidate | None:
+    """A replicate's run as a candidate, with its exact metrics; None before it logged a model."""
+    tags, metrics = run.data.tags, run.data.metrics
+    if "model_uri" not in tags or "chosen_homology_rank" not in metrics:
+        return None
+    return Candidate(
+        run_id=run.info.run_id,
+        replicate=int(tags["replicate"]),
+        model_uri=tags["model_uri"],
+        rank=metrics["chosen_homology_rank"],
+        valid_loss=metrics["best_valid_loss"],
+        dataset=tags.get("dataset", ""),
+    )
+
+
+def _version_candidate(client: MlflowClient, version: Any) -> Candidate | None:
+    """The replicate a registered version came from, read from its run: the version's tags are rounded
+    for people, and comparing rounded figures can let a worse replicate replace a better one."""
+    try:
+        return _candidate(retry(lambda: client.get_run(version.run_id)))
+    except MlflowException:
+        return None
 
 
 def _ensure_registered_model(client: MlflowClient, name: str) -> None:
@@ -169,9 +181,8 @@ def promote(
     if current is not None and current.version == version:
         return Promotion(version, best, False, "already champion")
     if current is not None and require_better:
-        cur = (float(current.tags.get("chosen_homology_rank", "inf")), float(current.tags.get("best_valid_loss", "inf")))
-        if criterion == "valid_loss":
-            cur = cur[::-1]
+        held = _version_candidate(client, current)
+        cur = held.key(criterion) if held is not None else (math.inf, math.inf)
         if best.key(criterion) >= cur:
             return Promotion(
                 version, best, False, f"candidate {best.key(criterion)} does not beat champion v{current.version} {cur}"
@@ -185,7 +196,8 @@ def promote(
 
 
 def show(partitions: list[str]) -> list[dict[str, Any]]:
-    """Per partition and alias: version, run, replicate, metrics and URI (none before the store exists)."""
+    """Per partition and alias: version, run, data set, replicate, exact metrics (None where the version's
+    run is gone) and URI; no rows before the store exists."""
     client = reader()
     rows: list[dict[str, Any]] = []
     if client is None:
@@ -196,15 +208,17 @@ def show(partitions: list[str]) -> list[dict[str, Any]]:
             mv = _current(client, name, alias)
             if mv is None:
                 continue
+            cand = _version_candidate(client, mv)
             rows.append(
                 {
                     "partition": partition,
                     "alias": alias,
-                    "version": mv.version,
+                    "version": int(mv.version),
                     "run_id": mv.run_id,
-                    "replicate": mv.tags.get("replicate"),
-                    "chosen_homology_rank": mv.tags.get("chosen_homology_rank"),
-                    "best_valid_loss": mv.tags.get("best_valid_loss"),
+                    "dataset": cand.dataset if cand else mv.tags.get("dataset"),
+                    "replicate": cand.replicate if cand else None,
+                    "chosen_homology_rank": cand.rank if cand else None,
+                    "best_valid_loss": cand.valid_loss if cand else None,
                     "uri": f"models:/{name}@{alias}",
                 }
             )

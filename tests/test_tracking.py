@@ -8,6 +8,7 @@ import socket
 import warnings
 from pathlib import Path
 
+import anndata as ad
 import mlflow
 import numpy as np
 import pandas as pd
@@ -186,7 +187,7 @@ def test_require_better_keeps_the_better_champion(criterion: str, params: Path, 
     assert "kept" in out and "does not beat" in out
     assert champion().version == first.version
 
-    _ok(["promote", "cortex", "--params", str(params), "--run-id", worse])
+    _ok(["promote", "cortex", "--params", str(params), "--run-id", worse, "--always"])
     assert champion().tags["source_run_id"] == best[worse].run_id
     assert client.get_model_version_by_alias("transdnn-cortex", "previous").version == first.version
 
@@ -207,6 +208,44 @@ def test_require_better_compares_exact_figures_not_the_rounded_tags(params: Path
     assert shown["run_id"] == held.run_id
     assert (shown["replicate"], shown["chosen_homology_rank"], shown["best_valid_loss"]) == (0, 1.0, 1.73276)
     assert shown["dataset"] == "Integrated_dataset_0" and shown["version"] == 1
+
+
+def test_promote_keeps_a_better_champion_unless_ranked_on_other_inputs(params: Path, tracking_uri: str, tiny: TinyData):
+    """`promote.require_better` (true in params.yaml): a worse training leaves `champion` where it is,
+    and promotion.json says so; `--always` moves it; a training ranked on other transform sets is not
+    compared, so it takes the alias even with worse figures."""
+    client = MlflowClient(tracking_uri)
+
+    def train_worse(*extra: str) -> str:
+        run = _train_embed(params, *extra)
+        for cand in candidates(client, [run]):
+            client.log_metric(cand.run_id, "chosen_homology_rank", 99.0)  # worse than any real rank here
+        return run
+
+    def promote(run: str, *extra: str) -> dict:
+        _ok(["promote", "cortex", "--params", str(params), "--run-id", run, *extra])
+        return json.loads((params.parent / "runs" / "cortex" / "promotion.json").read_text())
+
+    good = _train_embed(params, "--seed", "1")
+    held = promote(good)
+    assert held["moved"] and held["run_id"] == held["candidate"]["run_id"]
+    worse = train_worse("--seed", "2")
+    kept = promote(worse)
+    assert not kept["moved"] and "does not beat it" in kept["reason"], kept
+    assert (kept["version"], kept["run_id"]) == (held["version"], held["run_id"])  # the champion, unchanged
+    assert kept["candidate"]["homology_rank"] == 99.0 and kept["candidate"]["version"] != held["version"]
+    assert int(client.get_model_version_by_alias("transdnn-cortex", "champion").version) == held["version"]
+    always = promote(worse, "--always")
+    assert always["moved"] and always["run_id"] == always["candidate"]["run_id"] != held["run_id"]
+
+    promote(good, "--always")
+    other = tiny.root / "Human_other.h5ad"
+    human = ad.read_h5ad(tiny.human)
+    human.X = human.X + 0.1
+    human.write_h5ad(other)
+    moved = promote(train_worse("--human", str(other)))
+    assert moved["moved"] and moved["homology_rank"] == 99.0, moved
+    assert "ranked on other transform sets, genes or homology" in moved["reason"]
 
 
 def test_promote_unknown_run_exits_2(params: Path, tracking_uri: str):

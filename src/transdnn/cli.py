@@ -296,8 +296,13 @@ def promote(
         str | None, typer.Option(help="Training run to promote from (default: this workspace's last training).")
     ] = None,
     require_better: Annotated[
-        bool, typer.Option(help="Refuse to move the alias unless the candidate beats the champion.")
-    ] = False,
+        bool | None,
+        typer.Option(
+            "--require-better/--always",
+            help="Move the alias only to a replicate that beats the champion, or to this training's best regardless "
+            "(default: promote.require_better).",
+        ),
+    ] = None,
 ) -> None:
     """Register a training's replicates and point the `champion` alias at the best one."""
     from transdnn.jobs import promote_partition
@@ -305,10 +310,11 @@ def promote(
 
     settings, part = _partition(params, partition)
     tracker = _tracker(settings, params, True)
-    p = _run(promote_partition, partition.value, part, tracker.experiment_id, settings.promote.criterion, run_id, require_better)
+    better = settings.promote.require_better if require_better is None else require_better
+    p = _run(promote_partition, partition.value, part, tracker.experiment_id, settings.promote.criterion, run_id, better)
     verb = "promoted" if p.moved else "kept"
     typer.echo(
-        f"{partition.value}: {verb} version {p.version} (replicate {p.candidate.replicate}, rank {p.candidate.rank:.2f}): {p.reason} -> {champion_uri(partition.value)}"
+        f"{partition.value}: {verb} version {p.version} (replicate {p.champion.replicate}, {p.champion.figures()}): {p.reason} -> {champion_uri(partition.value)}"
     )
 
 

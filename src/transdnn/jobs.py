@@ -15,7 +15,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -34,10 +34,13 @@ from transdnn.data import (
 from transdnn.embed import correlation_frame, embed_inputs, embed_metrics, pool_data_sets, write_embeddings
 from transdnn.errors import InputError
 from transdnn.evaluate import check_test_regions, independent_test
-from transdnn.lineage import RunSpec
+from transdnn.lineage import RANKED_ON, RunSpec
 from transdnn.model import seeds_for
 from transdnn.settings import DataPaths, PartitionSettings
 from transdnn.training import EPOCH_METRICS, TrainingSink, TrainResult, check_shapes, load_state, train
+
+if TYPE_CHECKING:  # the registry imports MLflow: only promote loads it
+    from transdnn.registry import Candidate
 
 EXAMPLE_ROWS = 3
 
@@ -250,13 +253,7 @@ def _train_data_set(
             "device": str(device),
         },
         seeds=seeds_for(part.train.seed, part.train.replicates, layout.dataset),
-        inputs={
-            "train": path,
-            "human": part.data.human,
-            "mouse": part.data.mouse,
-            "genes": part.data.genes,
-            "homology": part.data.homology,
-        },
+        inputs={"train": path, **{name: getattr(part.data, name) for name in RANKED_ON}},
         stage=stage,
     )
     current = layout.state.current() if resume else None
@@ -480,7 +477,8 @@ def promote_partition(
     require_better: bool = False,
 ) -> Any:
     """Promote from `run_id`, else from this workspace's last training, else the latest in MLflow;
-    record the outcome in `<out>/promotion.json` (the DVC promote stage's output)."""
+    record in `<out>/promotion.json` (the DVC promote stage's output) the champion the alias names
+    afterwards, and under `candidate` the training's best it was offered."""
     from transdnn.registry import champion_uri, promote
 
     run_ids = [run_id] if run_id else trained_run_ids(part)
@@ -489,14 +487,22 @@ def promote_partition(
         RunLayout(part.out, "").promotion,
         {
             "partition": partition,
-            "version": result.version,
             "moved": result.moved,
             "reason": result.reason,
-            "run_id": result.candidate.run_id,
-            "replicate": result.candidate.replicate,
-            "homology_rank": result.candidate.rank,
-            "valid_loss": result.candidate.valid_loss,
             "uri": champion_uri(partition),
+            **_described(result.version, result.champion),
+            "candidate": _described(result.candidate_version, result.candidate),
         },
     )
     return result
+
+
+def _described(version: str, cand: Candidate) -> dict[str, Any]:
+    return {
+        "version": int(version),
+        "run_id": cand.run_id,
+        "dataset": cand.dataset,
+        "replicate": cand.replicate,
+        "homology_rank": cand.rank,
+        "valid_loss": cand.valid_loss,
+    }

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+RANKED_ON = ("human", "mouse", "genes", "homology")  # a homology rank's inputs: ranks compare only alike
+
 
 @dataclass(frozen=True)
 class RunSpec:

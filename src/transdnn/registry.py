@@ -1,13 +1,15 @@
 """Model registry: one registered model per partition; the alias `champion` names the model to use.
 
 Promotion registers the replicates of a training run (idempotently), picks the best by the criterion
-in params.yaml, moves `champion` to it and keeps the former champion as `previous`.
+in params.yaml, moves `champion` to it and keeps the former champion as `previous`. With
+`require_better` it moves only to a replicate that beats the champion; figures compare only when both
+were ranked on the same transform sets, genes and homology, and otherwise the new training's best
+takes the alias.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +18,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from transdnn.errors import TrackingError
-from transdnn.tracking import PARENT_ROLE, reader, retry
+from transdnn.lineage import RANKED_ON
+from transdnn.tracking import PARENT_ROLE, input_digests, reader, retry
 
 CHAMPION = "champion"
 PREVIOUS = "previous"
@@ -39,14 +42,22 @@ class Candidate:
     rank: float
     valid_loss: float
     dataset: str
+    parent_run_id: str
 
     def key(self, criterion: str) -> tuple[float, float]:
         return (self.rank, self.valid_loss) if criterion == "homology_rank" else (self.valid_loss, self.rank)
 
+    def figures(self) -> str:
+        return f"homology rank {self.rank:.4f}, valid loss {self.valid_loss:.5f}"
+
 
 @dataclass(frozen=True)
 class Promotion:
+    """Where `champion` points after a promotion, and the training's best it was offered."""
+
     version: str
+    champion: Candidate
+    candidate_version: str
     candidate: Candidate
     moved: bool
     reason: str
@@ -95,6 +106,7 @@ def _candidate(run: Run) -> Candidate | None:
         rank=metrics["chosen_homology_rank"],
         valid_loss=metrics["best_valid_loss"],
         dataset=tags.get("dataset", ""),
+        parent_run_id=tags.get("mlflow.parentRunId", ""),
     )
 
 
@@ -105,6 +117,17 @@ def _version_candidate(client: MlflowClient, version: Any) -> Candidate | None:
         return _candidate(retry(lambda: client.get_run(version.run_id)))
     except MlflowException:
         return None
+
+
+def _ranked_on(client: MlflowClient, cand: Candidate) -> tuple[str, ...] | None:
+    """The digests of the files a replicate's homology rank came from; None where its training run
+    is gone or recorded none."""
+    try:
+        digests = input_digests(retry(lambda: client.get_run(cand.parent_run_id)))
+    except MlflowException:
+        return None
+    found = tuple(digests.get(name, "") for name in RANKED_ON)
+    return found if all(found) else None
 
 
 def _ensure_registered_model(client: MlflowClient, name: str) -> None:
@@ -179,20 +202,31 @@ def promote(
     version = versions[best.run_id]
     current = _current(client, name, CHAMPION)
     if current is not None and current.version == version:
-        return Promotion(version, best, False, "already champion")
+        return Promotion(version, best, version, best, False, "already champion")
+    reason = promotion_reason(criterion, len(cands), run_ids)
     if current is not None and require_better:
         held = _version_candidate(client, current)
-        cur = held.key(criterion) if held is not None else (math.inf, math.inf)
-        if best.key(criterion) >= cur:
+        ranked_on = _ranked_on(client, held) if held is not None else None
+        if held is None or ranked_on is None:
+            reason += f"; champion v{current.version} has no training run to compare with"
+        elif ranked_on != _ranked_on(client, best):
+            reason += f"; champion v{current.version} was ranked on other transform sets, genes or homology"
+        elif best.key(criterion) >= held.key(criterion):
             return Promotion(
-                version, best, False, f"candidate {best.key(criterion)} does not beat champion v{current.version} {cur}"
+                current.version,
+                held,
+                version,
+                best,
+                False,
+                f"candidate v{version} ({best.figures()}) does not beat it by {criterion}",
             )
-    reason = promotion_reason(criterion, len(cands), run_ids)
+        else:
+            reason += f"; beats champion v{current.version} ({held.figures()})"
     retry(lambda: client.set_model_version_tag(name, version, "promotion_reason", reason))
     if current is not None:
         retry(lambda: client.set_registered_model_alias(name, PREVIOUS, current.version))
     retry(lambda: client.set_registered_model_alias(name, CHAMPION, version))
-    return Promotion(version, best, True, reason)
+    return Promotion(version, best, version, best, True, reason)
 
 
 def show(partitions: list[str]) -> list[dict[str, Any]]:

@@ -153,6 +153,7 @@ class TrackingSettings(_Strict):
 
 class PromoteSettings(_Strict):
     criterion: Literal["homology_rank", "valid_loss"]
+    require_better: bool
 
 
 class Settings(_Strict):

@@ -30,7 +30,7 @@ import pandas as pd
 import yaml
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, Run
 from mlflow.exceptions import MlflowException
 from mlflow.models.signature import ModelSignature
 from mlflow.tracking import MlflowClient
@@ -46,6 +46,7 @@ from transdnn.training import EPOCH_METRICS
 T = TypeVar("T")
 PARENT_ROLE = "training"
 JOB_ROLE = "job"  # a job's pooled answer over all its data sets (embed)
+DIGEST_TAG = "md5."  # a training run's tag per input file: md5.train, md5.human, ...
 FLUSH_SECONDS = 30.0  # how stale the MLflow UI's per-epoch curves may be during a training
 MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch
 _MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
@@ -166,6 +167,11 @@ def ensure_experiment(client: MlflowClient, name: str, project: Path) -> str:
         if found is None:
             raise
         return found.experiment_id
+
+
+def input_digests(run: Run) -> dict[str, str]:
+    """The md5 of each input file a training run recorded, by input name (train, human, mouse, ...)."""
+    return {k.removeprefix(DIGEST_TAG): v for k, v in run.data.tags.items() if k.startswith(DIGEST_TAG)}
 
 
 def file_digest(path: Path) -> str:
@@ -415,7 +421,7 @@ class Tracker:
         if spec.stage:
             tags["dvc.stage"] = spec.stage
         digests = {name: file_digest(path) for name, path in inputs.items()}
-        tags.update({f"md5.{name}": d for name, d in digests.items()})
+        tags.update({f"{DIGEST_TAG}{name}": d for name, d in digests.items()})
         parent = retry(lambda: self.client.create_run(self.experiment_id, tags=tags))
         pid = parent.info.run_id
         self._log_params(pid, {**flatten("", spec.params), **{k: str(v) for k, v in spec.info.items()}})

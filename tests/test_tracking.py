@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from transdnn.cli import app
 from transdnn.data import load_partition_inputs
 from transdnn.registry import candidates, promotion_reason
 from transdnn.tracking import shown
+from transdnn.training import EPOCH_METRICS
 
 runner = CliRunner()
 
@@ -357,7 +360,7 @@ def test_metrics_sent_from_the_writer_thread_all_arrive_in_order(tracking_uri: s
     children = [client.create_run(experiment).info.run_id for _ in range(2)]
     run = tracking.TrainingRun(client, parent, children)
     for epoch in range(12):
-        frame = pd.DataFrame({"replicate": [0, 1]} | {k: [epoch + 0.5, -epoch] for k in tracking.EPOCH_METRICS})
+        frame = pd.DataFrame({"replicate": [0, 1]} | {k: [epoch + 0.5, -epoch] for k in EPOCH_METRICS})
         run.on_epoch(epoch, frame)
     run.end("FINISHED")
     for r, child in enumerate(children):
@@ -417,6 +420,17 @@ def test_registry_show_before_any_store_creates_none(params: Path, tmp_path: Pat
     )
     assert json.loads(_ok(["registry", "show", "cortex", "--params", str(params), "--json"])) == []
     assert not db.exists() and not db.parent.exists()
+
+
+def test_registry_show_loads_no_torch(params: Path, tracking_uri: str):
+    """A lookup pays for MLflow, not for torch, anndata and the training loop (~2.5 s a call here)."""
+    code = (
+        "import sys\nfrom transdnn.cli import app\n"
+        f"app(['registry', 'show', '--params', {str(params)!r}], standalone_mode=False)\n"
+        "print(sorted(m for m in ('torch', 'anndata', 'transdnn.training') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]", out
 
 
 @pytest.mark.parametrize("command", [["train", "cortex"], ["registry", "show"]])

@@ -41,7 +41,6 @@ import transdnn
 from transdnn.errors import TrackingError
 from transdnn.lineage import RunSpec
 from transdnn.settings import TrackingSettings
-from transdnn.training import EPOCH_METRICS
 
 T = TypeVar("T")
 PARENT_ROLE = "training"
@@ -277,6 +276,8 @@ class TrainingRun:
     def on_epoch(self, epoch: int, metrics: pd.DataFrame) -> None:
         """Per-epoch metrics go out every FLUSH_SECONDS (and at each resume state and at the end), not
         every epoch, and from a writer thread: the store's round trips overlap the next epochs."""
+        from transdnn.training import EPOCH_METRICS  # here: registry lookups need no torch
+
         now = int(time.time() * 1000)
         for row in metrics.itertuples(index=False):
             self._pending.setdefault(int(row.replicate), []).extend(

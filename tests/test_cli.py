@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -272,3 +274,14 @@ def test_help_lists_every_command():
     result = runner.invoke(app, ["--help"])
     for cmd in ("synth", "validate", "train", "embed", "test", "promote", "registry"):
         assert cmd in result.stdout
+
+
+def test_validate_loads_neither_torch_nor_mlflow(params: Path):
+    """Checking inputs is a data-contract matter: it should not pay ~3 s for torch, MLflow and the loop."""
+    code = (
+        "import sys\nfrom transdnn.cli import app\n"
+        f"app(['validate', 'cortex', '--params', {str(params)!r}], standalone_mode=False)\n"
+        "print(sorted(m for m in ('torch', 'mlflow', 'transdnn.training') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
+    assert "Integrated_dataset_0.h5ad: rows" in out and out.strip().splitlines()[-1] == "[]", out

@@ -215,8 +215,8 @@ def test_require_better_compares_exact_figures_not_the_rounded_tags(params: Path
 
 def test_promote_keeps_a_better_champion_unless_ranked_on_other_inputs(params: Path, tracking_uri: str, tiny: TinyData):
     """`promote.require_better` (true in params.yaml): a worse training leaves `champion` where it is,
-    and promotion.json says so; `--always` moves it; a training ranked on other transform sets is not
-    compared, so it takes the alias even with worse figures."""
+    and promotion.json says so; `--always` moves it; a training ranked on other transform sets, or whose
+    ranks are of another checkpoint kind, is not compared, so it takes the alias even with worse figures."""
     client = MlflowClient(tracking_uri)
 
     def train_worse(*extra: str) -> str:
@@ -249,6 +249,13 @@ def test_promote_keeps_a_better_champion_unless_ranked_on_other_inputs(params: P
     moved = promote(train_worse("--human", str(other)))
     assert moved["moved"] and moved["homology_rank"] == 99.0, moved
     assert "ranked on other transform sets, genes or homology" in moved["reason"]
+
+    promote(good, "--always")  # a best-rank checkpoint's rank chose it: not compared with best-valid ones
+    settings = yaml.safe_load(params.read_text())
+    settings["cortex"]["embed"]["checkpoint"] = "best_rank"
+    params.write_text(yaml.safe_dump(settings))
+    moved = promote(train_worse())
+    assert moved["moved"] and "another checkpoint kind" in moved["reason"], moved
 
 
 def test_promote_unknown_run_exits_2(params: Path, tracking_uri: str):

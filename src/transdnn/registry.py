@@ -23,6 +23,7 @@ from transdnn.tracking import PARENT_ROLE, input_digests, reader, retry
 
 CHAMPION = "champion"
 PREVIOUS = "previous"
+CHECKPOINT_PARAM = "embed.checkpoint"  # a training run's param: which checkpoint its chosen ranks are of
 MAX_RUNS_NAMED = 3  # a promotion reason names up to this many training runs, else counts them
 
 
@@ -120,13 +121,15 @@ def _version_candidate(client: MlflowClient, version: Any) -> Candidate | None:
 
 
 def _ranked_on(client: MlflowClient, cand: Candidate) -> tuple[str, ...] | None:
-    """The digests of the files a replicate's homology rank came from; None where its training run
-    is gone or recorded none."""
+    """What a replicate's homology rank is of: the digests of the files it came from and the checkpoint
+    kind that was ranked (a best-rank checkpoint was chosen by that very rank); None where its training
+    run is gone or recorded none."""
     try:
-        digests = input_digests(retry(lambda: client.get_run(cand.parent_run_id)))
+        parent = retry(lambda: client.get_run(cand.parent_run_id))
     except MlflowException:
         return None
-    found = tuple(digests.get(name, "") for name in RANKED_ON)
+    digests = input_digests(parent)
+    found = (*(digests.get(name, "") for name in RANKED_ON), parent.data.params.get(CHECKPOINT_PARAM, ""))
     return found if all(found) else None
 
 
@@ -210,7 +213,7 @@ def promote(
         if held is None or ranked_on is None:
             reason += f"; champion v{current.version} has no training run to compare with"
         elif ranked_on != _ranked_on(client, best):
-            reason += f"; champion v{current.version} was ranked on other transform sets, genes or homology"
+            reason += f"; champion v{current.version} was ranked on other transform sets, genes or homology, or is another checkpoint kind"
         elif best.key(criterion) >= held.key(criterion):
             return Promotion(
                 current.version,

@@ -258,6 +258,21 @@ def test_promote_keeps_a_better_champion_unless_ranked_on_other_inputs(params: P
     assert moved["moved"] and "another checkpoint kind" in moved["reason"], moved
 
 
+def test_promote_refuses_an_untracked_training_rather_than_the_stores_latest(params: Path, tracking_uri: str, tmp_path: Path):
+    """The workspace's training was untracked: promoting the latest run of the store instead would put
+    some other training (another checkout's, a teammate's) behind `champion`."""
+    _ok(["train", "cortex", "--params", str(params)])
+    _ok(["train", "cortex", "--params", str(params), "--no-track"])
+    result = runner.invoke(app, ["promote", "cortex", "--params", str(params)])
+    record = tmp_path / "runs" / "cortex" / "train" / "Integrated_dataset_0" / "train.json"
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        f"error: {record}: field 'run_id' is null, trained with --no-track "
+        "(expected a tracked `transdnn train`, or `promote --run-id`)"
+    )
+    assert MlflowClient(tracking_uri).search_registered_models() == []
+
+
 def test_promote_unknown_run_exits_2(params: Path, tracking_uri: str):
     result = runner.invoke(app, ["promote", "cortex", "--params", str(params), "--run-id", "0" * 32])
     assert result.exit_code == 2

@@ -460,11 +460,20 @@ def test_partition(
 
 
 def trained_run_ids(part: PartitionSettings) -> list[str]:
-    """MLflow run ids recorded by the last `transdnn train` of this partition's outputs (train.json)."""
+    """MLflow run ids recorded by the last `transdnn train` of this partition's outputs (train.json);
+    none where nothing was trained here. A set trained here without tracking is refused: promoting
+    around it would register some other training of the store."""
     ids = []
     for path in part.data.train_paths:
-        if run_id := _recorded_run_id(RunLayout.for_training_file(part.out, path)):
-            ids.append(run_id)
+        layout = RunLayout.for_training_file(part.out, path)
+        if not layout.train_info.is_file():
+            continue
+        if (run_id := _recorded_run_id(layout)) is None:
+            raise InputError(
+                f"{layout.train_info}: field 'run_id' is null, trained with --no-track "
+                "(expected a tracked `transdnn train`, or `promote --run-id`)"
+            )
+        ids.append(run_id)
     return ids
 
 

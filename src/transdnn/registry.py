@@ -3,8 +3,8 @@
 Promotion registers the replicates of a training run (idempotently), picks the best by the criterion
 in params.yaml, moves `champion` to it and keeps the former champion as `previous`. With
 `require_better` it moves only to a replicate that beats the champion; figures compare only when both
-were ranked on the same transform sets, genes and homology, and otherwise the new training's best
-takes the alias.
+are ranks of the same checkpoint kind on the same transform sets, genes and homology, and otherwise the
+new training's best takes the alias.
 """
 
 from __future__ import annotations
@@ -234,7 +234,7 @@ def promote(
 
 def show(partitions: list[str]) -> list[dict[str, Any]]:
     """Per partition and alias: version, run, data set, replicate, exact metrics (None where the version's
-    run is gone) and URI; no rows before the store exists."""
+    run is gone), why it was promoted and URI; no rows before the store exists."""
     client = reader()
     rows: list[dict[str, Any]] = []
     if client is None:
@@ -256,6 +256,7 @@ def show(partitions: list[str]) -> list[dict[str, Any]]:
                     "replicate": cand.replicate if cand else None,
                     "chosen_homology_rank": cand.rank if cand else None,
                     "best_valid_loss": cand.valid_loss if cand else None,
+                    "promotion_reason": mv.tags.get("promotion_reason"),
                     "uri": f"models:/{name}@{alias}",
                 }
             )

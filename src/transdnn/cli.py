@@ -304,7 +304,7 @@ def promote(
         ),
     ] = None,
 ) -> None:
-    """Register a training's replicates and point the `champion` alias at the best one."""
+    """Register a training's replicates and point `champion` at the best one, if it beats the champion (see --always)."""
     from transdnn.jobs import promote_partition
     from transdnn.registry import champion_uri
 

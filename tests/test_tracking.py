@@ -39,10 +39,15 @@ def _ok(args: list[str]) -> str:
     return result.stdout
 
 
-def _train_embed(params: Path, *extra: str) -> str:
+def _train(params: Path, *extra: str) -> str:
     _ok(["train", "cortex", "--params", str(params), *extra])
-    _ok(["embed", "cortex", "--params", str(params)])
     return json.loads((params.parent / "runs" / "cortex" / "train" / "Integrated_dataset_0" / "train.json").read_text())["run_id"]
+
+
+def _train_embed(params: Path, *extra: str) -> str:
+    run_id = _train(params, *extra)
+    _ok(["embed", "cortex", "--params", str(params)])
+    return run_id
 
 
 def test_runs_children_metrics_and_inputs(params: Path, tracking_uri: str):
@@ -198,7 +203,7 @@ def test_require_better_keeps_the_better_champion(criterion: str, params: Path, 
 def test_require_better_compares_exact_figures_not_the_rounded_tags(params: Path, tracking_uri: str):
     """Two trainings tie on rank and differ in valid loss below the fourth decimal that version tags
     show: the worse must not replace the better, and `registry show --json` gives the exact figures."""
-    runs = [_train_embed(params, "--seed", seed, "--replicates", "1") for seed in ("1", "2")]
+    runs = [_train(params, "--seed", seed, "--replicates", "1") for seed in ("1", "2")]
     client = MlflowClient(tracking_uri)
     (held,), (worse,) = (candidates(client, [run]) for run in runs)
     for cand, loss in ((held, 1.73276), (worse, 1.73278)):  # both 1.7328 when rounded
@@ -221,7 +226,7 @@ def test_promote_keeps_a_better_champion_unless_ranked_on_other_inputs(params: P
     client = MlflowClient(tracking_uri)
 
     def train_worse(*extra: str) -> str:
-        run = _train_embed(params, *extra)
+        run = _train(params, *extra)
         for cand in candidates(client, [run]):
             client.log_metric(cand.run_id, "chosen_homology_rank", 99.0)  # worse than any real rank here
         return run
@@ -230,7 +235,7 @@ def test_promote_keeps_a_better_champion_unless_ranked_on_other_inputs(params: P
         _ok(["promote", "cortex", "--params", str(params), "--run-id", run, *extra])
         return json.loads((params.parent / "runs" / "cortex" / "promotion.json").read_text())
 
-    good = _train_embed(params, "--seed", "1")
+    good = _train(params, "--seed", "1")
     held = promote(good)
     assert held["moved"] and held["run_id"] == held["candidate"]["run_id"]
     worse = train_worse("--seed", "2")

@@ -179,7 +179,7 @@ def test_require_better_keeps_the_better_champion(criterion: str, params: Path, 
     params.write_text(yaml.safe_dump(settings))
     runs = [_train_embed(params, "--seed", seed) for seed in ("1", "2")]
     client = MlflowClient(tracking_uri)
-    best = {run: min(candidates(client, [run]), key=lambda c: c.key(criterion)) for run in runs}
+    best = {run: min(candidates(client, [run], "cortex"), key=lambda c: c.key(criterion)) for run in runs}
     better, worse = sorted(runs, key=lambda run: best[run].key(criterion))
 
     def champion() -> ModelVersion:
@@ -205,7 +205,7 @@ def test_require_better_compares_exact_figures_not_the_rounded_tags(params: Path
     show: the worse must not replace the better, and `registry show --json` gives the exact figures."""
     runs = [_train(params, "--seed", seed, "--replicates", "1") for seed in ("1", "2")]
     client = MlflowClient(tracking_uri)
-    (held,), (worse,) = (candidates(client, [run]) for run in runs)
+    (held,), (worse,) = (candidates(client, [run], "cortex") for run in runs)
     for cand, loss in ((held, 1.73276), (worse, 1.73278)):  # both 1.7328 when rounded
         client.log_metric(cand.run_id, "chosen_homology_rank", 1.0)
         client.log_metric(cand.run_id, "best_valid_loss", loss)
@@ -227,7 +227,7 @@ def test_promote_keeps_a_better_champion_unless_ranked_on_other_inputs(params: P
 
     def train_worse(*extra: str) -> str:
         run = _train(params, *extra)
-        for cand in candidates(client, [run]):
+        for cand in candidates(client, [run], "cortex"):
             client.log_metric(cand.run_id, "chosen_homology_rank", 99.0)  # worse than any real rank here
         return run
 
@@ -277,6 +277,26 @@ def test_promote_refuses_an_untracked_training_rather_than_the_stores_latest(par
         "(expected a tracked `transdnn train`, or `promote --run-id`)"
     )
     assert MlflowClient(tracking_uri).search_registered_models() == []
+
+
+def test_promote_refuses_another_partitions_or_a_job_run(params: Path, tracking_uri: str):
+    """`--run-id` of a subcortex training must not put subcortex models behind transdnn-cortex."""
+    _ok(["train", "subcortex", "--params", str(params)])
+    record = params.parent / "runs" / "subcortex" / "train" / "Integrated_dataset_0" / "train.json"
+    subcortex = json.loads(record.read_text())["run_id"]
+    result = runner.invoke(app, ["promote", "cortex", "--params", str(params), "--run-id", subcortex])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"error: run {subcortex}: a training of partition 'subcortex' (expected one of 'cortex')"
+    _ok(["embed", "subcortex", "--params", str(params)])
+    client = MlflowClient(tracking_uri)
+    (job,) = client.search_runs(client.get_run(subcortex).info.experiment_id, "tags.`transdnn.role` = 'job'")
+    result = runner.invoke(app, ["promote", "subcortex", "--params", str(params), "--run-id", job.info.run_id])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        f"error: run {job.info.run_id}: not a training run (tag transdnn.role is 'job'; "
+        "expected the id of a `transdnn train subcortex` run)"
+    )
+    assert client.search_registered_models() == []
 
 
 def test_promote_unknown_run_exits_2(params: Path, tracking_uri: str):

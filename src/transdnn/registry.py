@@ -78,19 +78,27 @@ def latest_training(client: MlflowClient, experiment_id: str, partition: str) ->
     return runs[0].info.run_id
 
 
-def candidates(client: MlflowClient, run_ids: list[str]) -> list[Candidate]:
-    """Replicates with a logged model, from one or more training runs (one per training set)."""
-    out = [c for run_id in run_ids for c in _run_candidates(client, run_id)]
+def candidates(client: MlflowClient, run_ids: list[str], partition: str) -> list[Candidate]:
+    """Replicates with a logged model, from one or more training runs of the partition (one per training set)."""
+    out = [c for run_id in run_ids for c in _run_candidates(client, run_id, partition)]
     if not out:
         raise TrackingError(f"runs {', '.join(run_ids)}: no replicate with a logged model (expected a completed training)")
     return out
 
 
-def _run_candidates(client: MlflowClient, run_id: str) -> list[Candidate]:
+def _run_candidates(client: MlflowClient, run_id: str, partition: str) -> list[Candidate]:
     try:
         parent = client.get_run(run_id)
     except MlflowException:
         raise TrackingError(f"run {run_id}: not found (expected a training run id)") from None
+    tags = parent.data.tags
+    if tags.get("transdnn.role") != PARENT_ROLE:
+        raise TrackingError(
+            f"run {run_id}: not a training run (tag transdnn.role is {tags.get('transdnn.role')!r}; "
+            f"expected the id of a `transdnn train {partition}` run)"
+        )
+    if tags.get("partition") != partition:
+        raise TrackingError(f"run {run_id}: a training of partition {tags.get('partition')!r} (expected one of '{partition}')")
     kids = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'", max_results=1000)
     return sorted((c for c in map(_candidate, kids) if c is not None), key=lambda c: c.replicate)
 
@@ -197,7 +205,7 @@ def promote(
     """Register the replicates of `run_ids` (default: the latest training) and move `champion` to the best."""
     client = MlflowClient()
     run_ids = run_ids or [latest_training(client, experiment_id, partition)]
-    cands = candidates(client, run_ids)
+    cands = candidates(client, run_ids, partition)
     best = min(cands, key=lambda c: c.key(criterion))
     name = model_name(partition)
     _ensure_registered_model(client, name)

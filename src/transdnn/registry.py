@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from transdnn.errors import TrackingError
 from transdnn.lineage import RANKED_ON
-from transdnn.tracking import PARENT_ROLE, input_digests, reader, retry
+from transdnn.tracking import PARENT_ROLE, ROLE_TAG, input_digests, reader, retry
 
 CHAMPION = "champion"
 PREVIOUS = "previous"
@@ -67,7 +67,7 @@ class Promotion:
 def latest_training(client: MlflowClient, experiment_id: str, partition: str) -> str:
     runs = client.search_runs(
         [experiment_id],
-        f"tags.partition = '{partition}' and tags.`transdnn.role` = '{PARENT_ROLE}' and attributes.status = 'FINISHED'",
+        f"tags.partition = '{partition}' and tags.`{ROLE_TAG}` = '{PARENT_ROLE}' and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"],
         max_results=1,
     )
@@ -92,9 +92,9 @@ def _run_candidates(client: MlflowClient, run_id: str, partition: str) -> list[C
     except MlflowException:
         raise TrackingError(f"run {run_id}: not found (expected a training run id)") from None
     tags = parent.data.tags
-    if tags.get("transdnn.role") != PARENT_ROLE:
+    if tags.get(ROLE_TAG) != PARENT_ROLE:
         raise TrackingError(
-            f"run {run_id}: not a training run (tag transdnn.role is {tags.get('transdnn.role')!r}; "
+            f"run {run_id}: not a training run (tag {ROLE_TAG} is {tags.get(ROLE_TAG)!r}; "
             f"expected the id of a `transdnn train {partition}` run)"
         )
     if tags.get("partition") != partition:

@@ -43,6 +43,7 @@ from transdnn.lineage import RunSpec
 from transdnn.settings import TrackingSettings
 
 T = TypeVar("T")
+ROLE_TAG = "transdnn.role"  # what a run is: a training (parent of replicate runs) or a job
 PARENT_ROLE = "training"
 JOB_ROLE = "job"  # a job's pooled answer over all its data sets (embed)
 DIGEST_TAG = "md5."  # a training run's tag per input file: md5.train, md5.human, ...
@@ -416,7 +417,7 @@ class Tracker:
         tags = {
             "partition": partition,
             "dataset": dataset,
-            "transdnn.role": PARENT_ROLE,
+            ROLE_TAG: PARENT_ROLE,
             "mlflow.runName": f"{partition}-{dataset}",
         }
         if spec.stage:
@@ -468,7 +469,7 @@ class Tracker:
         consensus and its heatmap) and `data_sets.json`, the training run of each data set."""
         tags = {
             "partition": partition,
-            "transdnn.role": JOB_ROLE,
+            ROLE_TAG: JOB_ROLE,
             "data_sets": str(len(runs)),
             "checkpoint": checkpoint,
             "mlflow.runName": f"{partition}-all-data-sets",

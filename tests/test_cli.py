@@ -214,14 +214,19 @@ def test_independent_test_writes_predictions_and_confusion(params: Path, tmp_pat
     assert report["accuracy_mean"] > 0.9
 
 
-def test_independent_test_refuses_a_wrong_test_set_before_training(params: Path, tmp_path: Path):
+def test_independent_test_refuses_a_wrong_test_set_before_training(params: Path, tiny: TinyData, tmp_path: Path):
     import anndata as ad
 
     held_out = make_tiny(tmp_path / "heldout", seed=1, other=0)
     a = ad.read_h5ad(held_out.train)
     a.obs["region_index"] = a.obs["region_index"].str.replace("hA_", "hZ_")
     a.write_h5ad(held_out.train)
-    for test_file, expected in ((held_out.train, "['hZ'] were not trained on"), (tmp_path / "nope.h5ad", "file not found")):
+    copy = shutil.copy(tiny.train, tmp_path / "copy_of_the_training_set.h5ad")
+    for test_file, expected in (
+        (held_out.train, "['hZ'] were not trained on"),
+        (tmp_path / "nope.h5ad", "file not found"),
+        (copy, f"the same data as training set {tiny.train} (expected a held-out set)"),
+    ):
         result = runner.invoke(app, ["test", "subcortex", "--params", str(params), "--test", str(test_file)])
         assert result.exit_code == 2
         lines = result.stderr.strip().splitlines()

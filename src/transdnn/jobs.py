@@ -5,6 +5,7 @@ Tracking is optional (`tracker=None` runs without MLflow): the loop reports thro
 
 from __future__ import annotations
 
+import filecmp
 import functools
 import hashlib
 import json
@@ -441,6 +442,9 @@ def test_partition(
     # The test set is read, and its regions held against each training set's, before that set trains:
     # a wrong test file costs seconds, not a training.
     test_set = load_training_set(test_file, read_gene_list(part.data.genes), min_samples=1)
+    for path in part.data.train_paths:
+        if filecmp.cmp(test_file, path, shallow=False):
+            raise InputError(f"{test_file}: the same data as training set {path} (expected a held-out set)")
     outcomes = train_partition(
         "independent", part, device, progress=progress, check=lambda ts: check_test_regions(test_set, ts.regions)
     )

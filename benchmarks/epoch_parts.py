@@ -23,8 +23,7 @@ def measure(params: Path, partition: str, synth: Path | None, epochs: int, preci
     """Train the partition's first training set for `epochs` epochs (no tracking, no resume states)."""
     import torch
 
-    from transdnn.data import load_training_set
-    from transdnn.jobs import load_inputs
+    from transdnn.data import load_inputs, load_training_set
     from transdnn.settings import load_settings, override, override_paths
     from transdnn.synth import SynthPaths
     from transdnn.training import train

@@ -140,11 +140,10 @@ def validate(
     homology: HomologyOpt = None,
 ) -> None:
     """Check a partition's inputs against the data contract and print their shapes."""
-    from transdnn.data import check_training_regions, load_partition_inputs, load_training_set
+    from transdnn.data import check_training_regions, load_inputs, load_training_set
 
     _, part = _partition(params, partition, data=data, human=human, mouse=mouse, genes=genes, homology=homology)
-    d = part.data
-    inputs = _run(load_partition_inputs, d.human, d.mouse, d.genes, d.homology)
+    inputs = _run(load_inputs, part.data)
     typer.echo(
         f"genes: {len(inputs.genes.genes)}  human regions: {len(inputs.human.regions)}  mouse regions: {len(inputs.mouse.regions)}  pairs: {len(inputs.homology.human)}"
     )

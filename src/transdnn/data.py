@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anndata as ad
 import h5py
@@ -20,6 +21,9 @@ import pandas as pd
 import scipy.sparse as sp
 
 from transdnn.errors import InputError
+
+if TYPE_CHECKING:
+    from transdnn.settings import DataPaths
 
 UNLABELLED = "other"
 SPLIT_MIN_SAMPLES = 2  # samples per region a set to be split needs, so each side sees every region
@@ -414,6 +418,11 @@ def load_partition_inputs(human: Path, mouse: Path, genes: Path, homology: Path)
         if absent:
             raise InputError(f"{homology}: {side} {_examples(absent)} absent from {tset.path} (expected every pair's region)")
     return PartitionInputs(gene_list, h, m, hom)
+
+
+def load_inputs(data: DataPaths) -> PartitionInputs:
+    """The partition's shared inputs as params.yaml names them."""
+    return load_partition_inputs(data.human, data.mouse, data.genes, data.homology)
 
 
 def check_training_regions(train: TrainingSet, homology: Homology) -> None:

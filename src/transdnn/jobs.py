@@ -28,7 +28,7 @@ from transdnn.data import (
     PartitionInputs,
     TrainingSet,
     check_training_file,
-    load_partition_inputs,
+    load_inputs,
     load_training_set,
     read_gene_list,
 )
@@ -37,17 +37,13 @@ from transdnn.errors import InputError
 from transdnn.evaluate import check_test_regions, independent_test
 from transdnn.lineage import RANKED_ON, RunSpec
 from transdnn.model import seeds_for
-from transdnn.settings import DataPaths, PartitionSettings
+from transdnn.settings import PartitionSettings
 from transdnn.training import EPOCH_METRICS, TrainingSink, TrainResult, check_shapes, load_state, train
 
 if TYPE_CHECKING:  # the registry imports MLflow: only promote loads it
     from transdnn.registry import Candidate
 
 EXAMPLE_ROWS = 3
-
-
-def load_inputs(data: DataPaths) -> PartitionInputs:
-    return load_partition_inputs(data.human, data.mouse, data.genes, data.homology)
 
 
 class _Fanout:

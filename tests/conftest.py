@@ -3,6 +3,7 @@ params.yaml derived from the project's own, and a hermetic MLflow SQLite store p
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -151,3 +152,27 @@ def tracking_uri(tmp_path: Path, store_template: Path, monkeypatch: pytest.Monke
     monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
     yield uri
     mlflow.set_tracking_uri("")
+
+
+def cli_ok(args: list[str]) -> str:
+    """Run a transdnn command in this process; its stdout, once its exit status is 0."""
+    from typer.testing import CliRunner
+
+    from transdnn.cli import app
+
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.stderr + result.stdout
+    return result.stdout
+
+
+def train_cortex(params: Path, *extra: str) -> str:
+    """`transdnn train cortex` with these params; the training run's id."""
+    cli_ok(["train", "cortex", "--params", str(params), *extra])
+    return json.loads((params.parent / "runs" / "cortex" / "train" / "Integrated_dataset_0" / "train.json").read_text())["run_id"]
+
+
+def train_embed_cortex(params: Path, *extra: str) -> str:
+    """`transdnn train cortex`, then `transdnn embed cortex`; the training run's id."""
+    run_id = train_cortex(params, *extra)
+    cli_ok(["embed", "cortex", "--params", str(params)])
+    return run_id

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from conftest import cli_ok, train_embed_cortex
 from transdnn.checkpoints import RunLayout
 from transdnn.cli import app
-from transdnn.tracking import shown
+from transdnn.tracking import _requirements_taken_as_pinned, model_requirements, shown
 from transdnn.training import EPOCH_METRICS
 
 runner = CliRunner()
@@ -127,6 +127,19 @@ def test_two_trainings_at_once_on_sqlite_lose_nothing(params: Path, tracking_uri
             assert kid.info.status == "FINISHED"
             epochs = int(kid.data.metrics["epochs_run"])
             assert len(client.get_metric_history(kid.info.run_id, "valid_loss")) == epochs
+
+
+def test_the_skipped_requirement_check_finds_no_mismatch_and_is_restored():
+    """Model logging skips MLflow's check of each requirement against the installed releases, because
+    `model_requirements` pins exactly those: the check agrees, and it is back once the logging ends."""
+    import mlflow.utils.environment as environment
+    from mlflow.utils import requirements_utils
+
+    assert [r for r in model_requirements() if requirements_utils._check_requirement_satisfied(r) is not None] == []
+    original = requirements_utils.warn_dependency_requirement_mismatches
+    with _requirements_taken_as_pinned():
+        assert environment.warn_dependency_requirement_mismatches is not original
+    assert environment.warn_dependency_requirement_mismatches is original
 
 
 def test_model_signature_is_what_mlflow_infers():

@@ -35,6 +35,11 @@ def test_promote_champion_loads_and_reproduces_run_embeddings(params: Path, trac
     client = MlflowClient(tracking_uri)
     champion = client.get_model_version_by_alias("transdnn-cortex", "champion")
     assert champion.tags["partition"] == "cortex" and "promotion_reason" in champion.tags
+    source = client.get_run(champion.run_id)  # the version's tags are set as it is created
+    assert champion.tags["source_run_id"] == champion.run_id and champion.tags["replicate"] == source.data.tags["replicate"]
+    assert champion.tags["dataset"] == "Integrated_dataset_0"
+    assert float(champion.tags["chosen_homology_rank"]) == pytest.approx(source.data.metrics["chosen_homology_rank"], abs=5e-5)
+    assert float(champion.tags["best_valid_loss"]) == pytest.approx(source.data.metrics["best_valid_loss"], abs=5e-5)
     n_versions = len(client.search_model_versions("name='transdnn-cortex'"))
     # promote again: nothing changes
     assert "already champion" in cli_ok(["promote", "cortex", "--params", str(params)])

@@ -162,15 +162,6 @@ def _version_for(client: MlflowClient, name: str, cand: Candidate, partition: st
     def existing() -> list[Any]:
         return retry(lambda: client.search_model_versions(f"name='{name}' and run_id='{cand.run_id}'"))
 
-    found = existing()
-    if not found:
-        model_id = cand.model_uri.removeprefix("models:/")  # a LoggedModel id: servers require it with the source
-        retry(lambda: client.create_model_version(name, cand.model_uri, run_id=cand.run_id, model_id=model_id))
-        found = existing()
-    keep, *extra = sorted(found, key=lambda v: int(v.version))
-    for dup in extra:
-        with contextlib.suppress(MlflowException):  # the other promote may have deleted it first
-            client.delete_model_version(name, dup.version)
     tags = {
         "source_run_id": cand.run_id,
         "partition": partition,
@@ -179,6 +170,15 @@ def _version_for(client: MlflowClient, name: str, cand: Candidate, partition: st
         "chosen_homology_rank": f"{cand.rank:.4f}",
         "best_valid_loss": f"{cand.valid_loss:.4f}",
     }
+    found = existing()
+    if not found:  # created with its tags: one store call, not one per tag (a first promotion of 1,000)
+        model_id = cand.model_uri.removeprefix("models:/")  # a LoggedModel id: servers require it with the source
+        retry(lambda: client.create_model_version(name, cand.model_uri, run_id=cand.run_id, tags=tags, model_id=model_id))
+        found = existing()
+    keep, *extra = sorted(found, key=lambda v: int(v.version))
+    for dup in extra:
+        with contextlib.suppress(MlflowException):  # the other promote may have deleted it first
+            client.delete_model_version(name, dup.version)
     if any(keep.tags.get(k) != v for k, v in tags.items()):
         for k, v in tags.items():
             retry(lambda k=k, v=v: client.set_model_version_tag(name, keep.version, k, v))

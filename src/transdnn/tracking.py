@@ -19,7 +19,7 @@ import urllib.request
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, TypeVar
@@ -229,36 +229,32 @@ class _LibyamlDump:
 
 
 @contextmanager
-def _libyaml_emitter() -> Iterator[None]:
+def _replaced(module: Any, name: str, value: Any) -> Iterator[None]:
+    """`module.name` is `value` inside the block, and what it was after it."""
+    saved = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
+
+
+def _libyaml_emitter() -> AbstractContextManager[None]:
     """MLflow writes each MLmodel file with PyYAML's pure-Python emitter, which scans the signature
     (one column per gene, ~300 kB of JSON) a character at a time: 0.2 s per dump, two dumps per model.
     libyaml's emitter writes the identical document in milliseconds; used only where it is built in."""
     import mlflow.models.model as model_module
 
-    if not yaml.__with_libyaml__:
-        yield
-        return
-    saved = model_module.yaml
-    model_module.yaml = _LibyamlDump()
-    try:
-        yield
-    finally:
-        model_module.yaml = saved
+    return _replaced(model_module, "yaml", _LibyamlDump()) if yaml.__with_libyaml__ else nullcontext()
 
 
-@contextmanager
-def _requirements_taken_as_pinned() -> Iterator[None]:
+def _requirements_taken_as_pinned() -> AbstractContextManager[None]:
     """MLflow checks every pip requirement of a model against the installed releases, only to warn of a
     mismatch, rebuilding its package map for each (0.11 s a model, 10 models a training).
     `model_requirements` pins exactly the installed releases, so the check can find none: skipped."""
     import mlflow.utils.environment as environment_module
 
-    saved = environment_module.warn_dependency_requirement_mismatches
-    environment_module.warn_dependency_requirement_mismatches = lambda requirements: None
-    try:
-        yield
-    finally:
-        environment_module.warn_dependency_requirement_mismatches = saved
+    return _replaced(environment_module, "warn_dependency_requirement_mismatches", lambda requirements: None)
 
 
 def model_requirements() -> list[str]:
@@ -354,6 +350,7 @@ class TrainingRun:
         example_csv = folder / "model_input_example.csv"
         pd.DataFrame(example, columns=genes).to_csv(example_csv, index=False)
         signature = model_signature(genes)
+        requirements = model_requirements()
         for r, (weights, meta) in enumerate(replicate_files):
             with (
                 mlflow.start_run(run_id=self.children[r], nested=True),
@@ -369,7 +366,7 @@ class TrainingRun:
                     artifacts={"weights": str(weights), "meta": str(meta)},
                     code_paths=[str(_PACKAGE_DIR)],
                     signature=signature,
-                    pip_requirements=model_requirements(),
+                    pip_requirements=requirements,
                 )
             self.client.log_artifact(self.children[r], str(example_csv))
             self.client.set_tag(self.children[r], "model_uri", info.model_uri)

@@ -4,6 +4,7 @@ and trainings of the tiny data; no mocks of MLflow."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -124,6 +125,43 @@ def test_require_better_keeps_the_better_champion(criterion: str, params: Path, 
     cli_ok(["promote", "cortex", "--params", str(params), "--run-id", worse, "--always"])
     assert champion().tags["source_run_id"] == best[worse].run_id
     assert client.get_model_version_by_alias("transdnn-cortex", "previous").version == first.version
+
+
+_PREDICT_WITHOUT_GPU = """
+import sys, mlflow, pandas as pd, torch
+assert not torch.cuda.is_available()
+model = mlflow.pyfunc.load_model("models:/transdnn-cortex@champion")
+model.predict(pd.read_csv(sys.argv[1], index_col=0)).to_csv(sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]),
+    ],
+)
+def test_a_champion_trained_on_either_device_predicts_where_no_gpu_is_visible(
+    device: str, params: Path, tracking_uri: str, tiny: TinyData, tmp_path: Path
+):
+    """A GPU job registers the models; users load them on laptops and CPU servers."""
+    train_embed_cortex(params, "--device", device)
+    cli_ok(["promote", "cortex", "--params", str(params)])
+    champion = MlflowClient(tracking_uri).get_model_version_by_alias("transdnn-cortex", "champion")
+    inputs = load_partition_inputs(tiny.human, tiny.mouse, tiny.genes, tiny.homology)
+    pd.DataFrame(inputs.human.means, columns=inputs.genes.genes, index=inputs.human.regions).to_csv(tmp_path / "in.csv")
+    subprocess.run(
+        [sys.executable, "-c", _PREDICT_WITHOUT_GPU, str(tmp_path / "in.csv"), str(tmp_path / "out.csv")],
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        check=True,
+        timeout=300,
+    )
+    predicted = pd.read_csv(tmp_path / "out.csv", index_col=0)
+    stored = tmp_path / "runs" / "cortex" / "embed" / "Integrated_dataset_0" / f"replicate_{champion.tags['replicate']}"
+    expected = pd.read_csv(stored / "human_embedding.csv", index_col=0)  # embedded on `device` by `transdnn embed`
+    assert predicted.shape == expected.shape and np.isfinite(predicted.to_numpy()).all()
+    assert np.allclose(predicted.to_numpy(), expected.to_numpy(), atol=1e-4)
 
 
 def test_require_better_compares_exact_figures_not_the_rounded_tags(params: Path, tracking_uri: str):

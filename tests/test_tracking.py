@@ -143,13 +143,14 @@ def test_the_skipped_requirement_check_finds_no_mismatch_and_is_restored():
 
 
 def test_model_signature_is_what_mlflow_infers():
-    """The signature is built directly (inference scans every column); it must stay what MLflow infers."""
+    """The signature is built directly (inference scans every column); it must stay what MLflow infers
+    for a float64 frame, as read from a CSV."""
     from mlflow.models import infer_signature
 
     from transdnn.tracking import model_signature
 
     genes = [f"G{i}" for i in range(7)]
-    frame = pd.DataFrame(np.random.default_rng(0).random((3, 7), dtype=np.float32), columns=genes)
+    frame = pd.DataFrame(np.random.default_rng(0).random((3, 7)), columns=genes)
     assert model_signature(genes) == infer_signature(frame, params={"output": "embedding"})
     assert model_signature(genes) != infer_signature(frame.iloc[:, ::-1], params={"output": "embedding"})
 

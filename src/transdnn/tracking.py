@@ -265,10 +265,12 @@ def model_requirements() -> list[str]:
 
 
 def model_signature(genes: list[str]) -> ModelSignature:
-    """One float column per gene and the `output` param: what `infer_signature` finds for an example frame,
-    built directly (inferring it scans every column of the example, ~0.2 s for 5k genes)."""
+    """One double column per gene and the `output` param, built directly (inferring a signature scans every
+    column of an example, ~0.2 s for 5k genes). Double, not float: MLflow refuses to narrow float64, the
+    dtype of a frame read from CSV, to a float32 column, while it widens float32; the model casts to
+    float32 itself."""
     return ModelSignature(
-        inputs=Schema([ColSpec(DataType.float, gene) for gene in genes]),
+        inputs=Schema([ColSpec(DataType.double, gene) for gene in genes]),
         params=ParamSchema([ParamSpec("output", DataType.string, "embedding")]),
     )
 

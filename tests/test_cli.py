@@ -275,6 +275,17 @@ def test_synth_is_deterministic_by_seed(tmp_path: Path, params: Path):
     assert len(genes) == 5063
 
 
+def test_the_progress_bar_fills_when_the_job_finishes_and_stays_where_a_failed_one_stopped():
+    """Replicates that stop early leave replicate-epochs that never run; a finished job still ends at 100 %."""
+    from transdnn.cli import _Progress
+
+    for finished, expected in ((True, 10), (False, 3)):
+        progress = _Progress(10, "replicate-epochs")
+        progress.on_epoch(1, pd.DataFrame({"replicate": [0, 1, 2]}))
+        progress.close(finished=finished)
+        assert progress.bar.pos == expected
+
+
 def test_help_lists_every_command():
     result = runner.invoke(app, ["--help"])
     for cmd in ("synth", "validate", "train", "embed", "test", "promote", "registry"):

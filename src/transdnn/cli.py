@@ -105,8 +105,12 @@ class _Progress:
     def flush(self) -> None:
         return None
 
-    def close(self) -> None:
+    def close(self, finished: bool) -> None:
+        """A finished job fills the bar: replicates that stopped early and data sets trained before leave
+        replicate-epochs that will never run. A failed one leaves it where the work stopped."""
         if self.drawn:
+            if finished:
+                self.bar.update(self.bar.length - self.bar.pos)
             self.bar.__exit__(None, None, None)
 
 
@@ -205,8 +209,10 @@ def train_cmd(
     progress = _Progress(part.train.replicates * part.train.max_epochs * sets, f"{partition.value} replicate-epochs")
     try:
         outcomes = _run(train_partition, partition.value, part, dev, tracker, progress, stage, resume)
-    finally:
-        progress.close()
+    except BaseException:
+        progress.close(finished=False)
+        raise
+    progress.close(finished=True)
     for o in outcomes:
         typer.echo(
             f"{partition.value}/{o.dataset}: {len(o.summary)} replicates, epochs {int(o.summary.epochs_run.min())}-{int(o.summary.epochs_run.max())}, "

@@ -17,7 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from conftest import cli_ok, train_embed_cortex
+from conftest import TinyData, cli_ok, train_embed_cortex
 from transdnn.checkpoints import RunLayout
 from transdnn.cli import app
 from transdnn.tracking import _requirements_taken_as_pinned, model_requirements, shown
@@ -26,7 +26,7 @@ from transdnn.training import EPOCH_METRICS
 runner = CliRunner()
 
 
-def test_runs_children_metrics_and_inputs(params: Path, tracking_uri: str):
+def test_runs_children_metrics_and_inputs(params: Path, tracking_uri: str, tiny: TinyData):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         run_id = train_embed_cortex(params, "--max-epochs", "4")
@@ -37,9 +37,13 @@ def test_runs_children_metrics_and_inputs(params: Path, tracking_uri: str):
     assert parent.data.tags["partition"] == "cortex" and parent.data.tags["dataset"] == "Integrated_dataset_0"
     assert parent.data.params["rows"] == "288" and parent.data.params["genes"] == "40" and parent.data.params["regions"] == "6"
     assert parent.data.params["train.max_epochs"] == "4" and "git_commit" in parent.data.params
-    inputs = {i.dataset.name.split(":")[0]: i.dataset for i in parent.inputs.dataset_inputs}
+    inputs = {i.dataset.name.split(":")[0]: i for i in parent.inputs.dataset_inputs}
     assert set(inputs) == {"train", "human", "mouse", "genes", "homology"}
-    assert len(inputs["train"].digest) == 32
+    assert len(inputs["train"].dataset.digest) == 32
+    contexts = {name: {t.key: t.value for t in i.tags}["mlflow.data.context"] for name, i in inputs.items()}
+    assert contexts == {"train": "training", "human": "human", "mouse": "mouse", "genes": "genes", "homology": "homology"}
+    source = mlflow.data.get_source(inputs["human"])  # lineage a reader resolves back to the file
+    assert Path(source.uri) == tiny.human.resolve(), source.uri
     kids = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
     assert len(kids) == 2
     for kid in kids:
@@ -67,6 +71,22 @@ def test_runs_children_metrics_and_inputs(params: Path, tracking_uri: str):
         "data_sets.json",
     }
     assert mlflow.artifacts.load_dict(f"runs:/{job.info.run_id}/data_sets.json") == {"Integrated_dataset_0": run_id}
+
+
+def test_a_training_shows_running_in_mlflow_until_it_ends(tracking_uri: str, tiny: TinyData, tmp_path: Path):
+    """People watch a long training in the MLflow UI: its parent and children are RUNNING while it trains."""
+    from transdnn.lineage import RunSpec
+    from transdnn.settings import TrackingSettings
+    from transdnn.tracking import Tracker, configure
+
+    configure(TrackingSettings(experiment="watched"), tmp_path)  # as the CLI does before it tracks
+    spec = RunSpec("cortex", "d0", params={}, info={}, seeds=[1, 2], inputs={"train": tiny.train, "human": tiny.human})
+    client = MlflowClient(tracking_uri)
+    with Tracker("watched", tmp_path).training(spec) as run:
+        runs = [run.parent_id, *run.children]
+        assert [client.get_run(r).info.status for r in runs] == ["RUNNING"] * 3
+        assert client.get_run(run.parent_id).info.end_time is None
+    assert [client.get_run(r).info.status for r in runs] == ["FINISHED"] * 3
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import functools
 import hashlib
+import json
 import os
 import ssl
 import subprocess
@@ -28,13 +29,12 @@ import mlflow
 import numpy as np
 import pandas as pd
 import yaml
-from mlflow.data.dataset_source_registry import resolve_dataset_source
-from mlflow.data.meta_dataset import MetaDataset
-from mlflow.entities import Metric, Param, Run
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, Run
 from mlflow.exceptions import MlflowException
 from mlflow.models.signature import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from packaging.version import Version
 
 import transdnn
@@ -209,12 +209,13 @@ def flatten(prefix: str, value: Any) -> dict[str, str]:
     return {prefix: str(value)}
 
 
-def _local_source(path: Path) -> Any:
-    """The dataset source of a local input file. MLflow registers two local-file source classes and
-    warns, for every input, that it picked the first: the pick is right, the warning is noise."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
-        return resolve_dataset_source(str(path.resolve()))
+def _dataset_input(name: str, path: Path, digest: str) -> DatasetInput:
+    """An input file as MLflow dataset lineage: a `local` source (what `mlflow.data.get_source` resolves
+    to the file) with our md5 as digest, and the role it played as the input's context."""
+    dataset = Dataset(
+        name=f"{name}:{path.name}", digest=digest, source_type="local", source=json.dumps({"uri": str(path.resolve())})
+    )
+    return DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, "training" if name.startswith("train") else name)])
 
 
 class _LibyamlDump:
@@ -446,10 +447,8 @@ class Tracker:
         parent = retry(lambda: self.client.create_run(self.experiment_id, tags=tags))
         pid = parent.info.run_id
         self._log_params(pid, {**flatten("", spec.params), **{k: str(v) for k, v in spec.info.items()}})
-        with mlflow.start_run(run_id=pid):
-            for name, path in inputs.items():
-                ds = MetaDataset(_local_source(path), name=f"{name}:{path.name}", digest=digests[name])
-                mlflow.log_input(ds, context="training" if name.startswith("train") else name)
+        # one request, and the run stays RUNNING (the fluent log_input would end it FINISHED mid-training)
+        retry(lambda: self.client.log_inputs(pid, datasets=[_dataset_input(n, p, digests[n]) for n, p in inputs.items()]))
         children = []
         for r, seed in enumerate(spec.seeds):
             ctags = {

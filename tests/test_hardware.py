@@ -47,6 +47,15 @@ def test_resolve_device():
         resolve_device("tpu")
 
 
+def test_a_cuda_index_beyond_the_machines_gpus_is_refused(monkeypatch: pytest.MonkeyPatch):
+    """On a one-GPU machine `cuda:1` is a one-line configuration error, not a traceback from the first copy."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(ConfigError, match=r"'cuda:1' requested but this machine has 1 CUDA GPU\(s\) \(expected cuda:0 to cuda:0"):
+        resolve_device("cuda:1")
+
+
 @pytest.mark.skipif(_glibc() is None, reason="needs glibc")
 def test_freed_blocks_are_reused_inside_the_block_only():
     out = subprocess.run([sys.executable, "-c", _PAGE_FAULTS], capture_output=True, text=True, check=True).stdout

@@ -27,6 +27,10 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"option 'device': unknown device {name!r} (expected auto, cpu, cuda or cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"option 'device': {name!r} requested but no CUDA GPU is available (expected auto or cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= (n := torch.cuda.device_count()):
+        raise ConfigError(
+            f"option 'device': {name!r} requested but this machine has {n} CUDA GPU(s) (expected cuda:0 to cuda:{n - 1}, cuda or auto)"
+        )
     if device.type not in ("cpu", "cuda"):
         raise ConfigError(f"option 'device': {name!r} is not supported (expected auto, cpu, cuda or cuda:N)")
     return device

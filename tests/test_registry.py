@@ -127,11 +127,17 @@ def test_require_better_keeps_the_better_champion(criterion: str, params: Path, 
     assert client.get_model_version_by_alias("transdnn-cortex", "previous").version == first.version
 
 
-_PREDICT_WITHOUT_GPU = """
-import sys, mlflow, pandas as pd, torch
+# A collaborator's machine: no GPU, and no transdnn installed (the model brings the code it needs).
+_PREDICT_ELSEWHERE = """
+import sys
+from pathlib import Path
+sys.path = [p for p in sys.path if not (Path(p or ".") / "transdnn" / "__init__.py").is_file()]
+import mlflow, pandas as pd, torch
 assert not torch.cuda.is_available()
 model = mlflow.pyfunc.load_model("models:/transdnn-cortex@champion")
 model.predict(pd.read_csv(sys.argv[1], index_col=0)).to_csv(sys.argv[2])
+import transdnn
+print(transdnn.__file__)
 """
 
 
@@ -142,21 +148,25 @@ model.predict(pd.read_csv(sys.argv[1], index_col=0)).to_csv(sys.argv[2])
         pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]),
     ],
 )
-def test_a_champion_trained_on_either_device_predicts_where_no_gpu_is_visible(
+def test_a_champion_trained_on_either_device_predicts_without_a_gpu_or_transdnn(
     device: str, params: Path, tracking_uri: str, tiny: TinyData, tmp_path: Path
 ):
-    """A GPU job registers the models; users load them on laptops and CPU servers."""
+    """A GPU job registers the models; users load them on laptops and CPU servers, with its own code."""
     train_embed_cortex(params, "--device", device)
     cli_ok(["promote", "cortex", "--params", str(params)])
     champion = MlflowClient(tracking_uri).get_model_version_by_alias("transdnn-cortex", "champion")
     inputs = load_partition_inputs(tiny.human, tiny.mouse, tiny.genes, tiny.homology)
     pd.DataFrame(inputs.human.means, columns=inputs.genes.genes, index=inputs.human.regions).to_csv(tmp_path / "in.csv")
-    subprocess.run(
-        [sys.executable, "-c", _PREDICT_WITHOUT_GPU, str(tmp_path / "in.csv"), str(tmp_path / "out.csv")],
+    loaded = subprocess.run(
+        [sys.executable, "-c", _PREDICT_ELSEWHERE, str(tmp_path / "in.csv"), str(tmp_path / "out.csv")],
         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        capture_output=True,
+        text=True,
         check=True,
         timeout=300,
     )
+    imported_from = Path(loaded.stdout.splitlines()[-1])
+    assert imported_from.parts[-3:-1] == ("code", "transdnn"), f"the model's own code, not {imported_from}"
     predicted = pd.read_csv(tmp_path / "out.csv", index_col=0)
     stored = tmp_path / "runs" / "cortex" / "embed" / "Integrated_dataset_0" / f"replicate_{champion.tags['replicate']}"
     expected = pd.read_csv(stored / "human_embedding.csv", index_col=0)  # embedded on `device` by `transdnn embed`

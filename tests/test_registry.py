@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import anndata as ad
@@ -309,6 +310,39 @@ def test_two_promotes_at_once_leave_one_champion(params: Path, tracking_uri: str
     assert len(versions) == 2, "each replicate is registered once"
     champions = [v for v in versions if "champion" in client.get_model_version("transdnn-cortex", v.version).aliases]
     assert len(champions) == 1
+
+
+def _waits_for_flock(inode: int) -> bool:
+    """Whether some process (or thread) is blocked on a flock of this file: /proc/locks lists waiters with `->`."""
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if "->" in fields and any(f.count(":") == 2 and f.rsplit(":", 1)[1] == str(inode) for f in fields):
+            return True
+    return False
+
+
+@pytest.mark.skipif(not Path("/proc/locks").is_file(), reason="reads Linux's /proc/locks")
+def test_a_promotion_waits_while_another_holds_the_local_store(params: Path, tracking_uri: str):
+    """With `dvc queue start -j 2`, two promotions at once each compared with the same champion and the
+    worse could move the alias last; a promotion now reads the champion only once it holds the store."""
+    import threading
+
+    from transdnn.registry import promote
+    from transdnn.tracking import store_lock
+
+    run_id = train_cortex(params)
+    experiment_id = MlflowClient(tracking_uri).get_run(run_id).info.experiment_id
+    lock_file = Path(f"{tracking_uri.removeprefix('sqlite:///')}.lock")
+    done = []
+    with store_lock():  # another promotion, mid-way
+        worker = threading.Thread(target=lambda: done.append(promote("cortex", experiment_id, "homology_rank", [run_id], True)))
+        worker.start()
+        deadline = time.monotonic() + 120
+        while worker.is_alive() and not _waits_for_flock(lock_file.stat().st_ino) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert worker.is_alive() and not done, "the promotion went ahead while another held the store"
+    worker.join(120)
+    assert done and done[0].moved and done[0].reason.startswith("lowest homology_rank")
 
 
 def test_embed_of_an_unknown_registered_model_exits_2(params: Path, tracking_uri: str, tmp_path: Path):

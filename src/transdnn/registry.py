@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from transdnn.errors import TrackingError
 from transdnn.lineage import RANKED_ON
-from transdnn.tracking import PARENT_ROLE, ROLE_TAG, input_digests, reader, retry
+from transdnn.tracking import PARENT_ROLE, ROLE_TAG, input_digests, reader, retry, store_lock
 
 CHAMPION = "champion"
 PREVIOUS = "previous"
@@ -202,10 +202,19 @@ def promotion_reason(criterion: str, replicates: int, run_ids: list[str]) -> str
 def promote(
     partition: str, experiment_id: str, criterion: str, run_ids: list[str] | None = None, require_better: bool = False
 ) -> Promotion:
-    """Register the replicates of `run_ids` (default: the latest training) and move `champion` to the best."""
+    """Register the replicates of `run_ids` (default: the latest training) and move `champion` to the best.
+    Promotions into one local store take turns (`store_lock`), so each compares with the champion the
+    last one left."""
     client = MlflowClient()
     run_ids = run_ids or [latest_training(client, experiment_id, partition)]
     cands = candidates(client, run_ids, partition)
+    with store_lock():
+        return _register_and_move(client, partition, criterion, run_ids, cands, require_better)
+
+
+def _register_and_move(
+    client: MlflowClient, partition: str, criterion: str, run_ids: list[str], cands: list[Candidate], require_better: bool
+) -> Promotion:
     best = min(cands, key=lambda c: c.key(criterion))
     name = model_name(partition)
     _ensure_registered_model(client, name)

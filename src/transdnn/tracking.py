@@ -135,9 +135,11 @@ def retry(call: Callable[[], T], attempts: int = 8, delay: float = 0.2) -> T:
 
 
 @contextmanager
-def _store_lock() -> Iterator[None]:
-    """Serialise first contact with a local SQLite store: two processes creating a fresh mlflow.db at once
-    (e.g. `dvc queue start -j 2`) would both run its migrations and one fails."""
+def store_lock() -> Iterator[None]:
+    """Serialise a step among the processes sharing a local SQLite store (e.g. `dvc queue start -j 2`):
+    first contact, where two would both migrate a fresh mlflow.db and one fails, and promotions, where
+    two would each compare with the same champion and the worse could move the alias last. A server's
+    store is not locked (its clients share no file)."""
     database = _sqlite_file(mlflow.get_tracking_uri())
     if database is None:
         yield
@@ -399,7 +401,7 @@ class Tracker:
         uri = mlflow.get_tracking_uri()
         _check_answers(uri)
         try:
-            with _store_lock():  # creating the client may create and migrate a fresh store
+            with store_lock():  # creating the client may create and migrate a fresh store
                 self.client = MlflowClient()
                 self.experiment_id = ensure_experiment(self.client, experiment, project)
         except MlflowException as exc:

@@ -204,11 +204,11 @@ def promote(
 ) -> Promotion:
     """Register the replicates of `run_ids` (default: the latest training) and move `champion` to the best.
     Promotions into one local store take turns (`store_lock`), so each compares with the champion the
-    last one left."""
+    last one left; trainings starting meanwhile do not wait for them."""
     client = MlflowClient()
     run_ids = run_ids or [latest_training(client, experiment_id, partition)]
     cands = candidates(client, run_ids, partition)
-    with store_lock():
+    with store_lock("promote"):
         return _register_and_move(client, partition, criterion, run_ids, cands, require_better)
 
 

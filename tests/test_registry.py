@@ -334,7 +334,7 @@ def test_a_promotion_waits_while_another_holds_the_local_store(params: Path, tra
     experiment_id = MlflowClient(tracking_uri).get_run(run_id).info.experiment_id
     lock_file = Path(f"{tracking_uri.removeprefix('sqlite:///')}.promote.lock")
     done = []
-    with store_lock("promote"):  # another promotion, mid-way
+    with store_lock("promote.lock"):  # another promotion, mid-way
         worker = threading.Thread(target=lambda: done.append(promote("cortex", experiment_id, "homology_rank", [run_id], True)))
         worker.start()
         deadline = time.monotonic() + 120

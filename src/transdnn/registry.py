@@ -208,7 +208,7 @@ def promote(
     client = MlflowClient()
     run_ids = run_ids or [latest_training(client, experiment_id, partition)]
     cands = candidates(client, run_ids, partition)
-    with store_lock("promote"):
+    with store_lock("promote.lock"):
         return _register_and_move(client, partition, criterion, run_ids, cands, require_better)
 
 

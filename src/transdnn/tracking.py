@@ -135,17 +135,17 @@ def retry(call: Callable[[], T], attempts: int = 8, delay: float = 0.2) -> T:
 
 
 @contextmanager
-def store_lock(step: str = "") -> Iterator[None]:
+def store_lock(suffix: str = "lock") -> Iterator[None]:
     """Serialise one step among the processes sharing a local SQLite store (e.g. `dvc queue start -j 2`),
-    on the lock file `mlflow.db.<step>lock`: first contact (no step), where two would both migrate a
-    fresh mlflow.db and one fails, and promotions ("promote"), where two would each compare with the same
+    on the lock file `mlflow.db.<suffix>`: first contact ("lock"), where two would both migrate a fresh
+    mlflow.db and one fails, and promotions ("promote.lock"), where two would each compare with the same
     champion and the worse could move the alias last. A server's store is not locked (its clients share
     no file)."""
     database = _sqlite_file(mlflow.get_tracking_uri())
     if database is None:
         yield
         return
-    lock_path = Path(f"{database}.{step}{'.' if step else ''}lock")
+    lock_path = Path(f"{database}.{suffix}")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)

@@ -246,6 +246,36 @@ def test_no_server_at_the_tracking_uri_exits_2(
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        (["train", "cortex"], "{genes}: file not found (expected a CSV file)"),
+        (["embed", "cortex"], "{genes}: file not found (expected a CSV file)"),
+        (
+            ["promote", "cortex"],
+            "{db}: no MLflow store there yet (expected the store of a `transdnn train`, at tracking.uri or MLFLOW_TRACKING_URI)",
+        ),
+        (
+            ["embed", "cortex", "--model", "models:/transdnn-cortex@champion"],
+            "models:/transdnn-cortex@champion: cannot load model (no MLflow store at {db} yet)",
+        ),
+    ],
+)
+def test_a_command_that_fails_makes_no_store(
+    command: list[str], expected: str, params: Path, tiny: TinyData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Failing on its inputs, or finding no store to read, a command leaves no fresh, empty mlflow.db."""
+    db = tmp_path / "fresh.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", f"sqlite:///{db}")
+    tiny.genes.unlink()
+    result = runner.invoke(app, [*command, "--params", str(params)])
+    mlflow.set_tracking_uri("")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "error: " + expected.format(genes=tiny.genes.resolve(), db=db)
+    assert not list(tmp_path.glob("fresh.db*"))
+
+
 def test_messages_mask_a_password_in_the_store_uri():
     assert shown("postgresql://mlflow:s3cret@db:5432/mlflow") == "postgresql://mlflow:***@db:5432/mlflow"
     assert shown("http://127.0.0.1:5000") == "http://127.0.0.1:5000"

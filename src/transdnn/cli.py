@@ -80,12 +80,12 @@ def _configure(settings, params: Path) -> Path:  # type: ignore[no-untyped-def]
     return project
 
 
-def _tracker(settings, params: Path, enabled: bool):  # type: ignore[no-untyped-def]
+def _tracker(settings, params: Path, enabled: bool, create: bool = True):  # type: ignore[no-untyped-def]
     if not enabled:
         return None
     from transdnn.tracking import Tracker
 
-    return _run(Tracker, settings.tracking.experiment, _configure(settings, params))
+    return Tracker(settings.tracking.experiment, _configure(settings, params), create)
 
 
 class _Progress:
@@ -249,8 +249,10 @@ def embed(
     part = _run(override, part, "train", device=device)
     dev = _run(resolve_device, part.train.device)
     if model:
-        tracker = _tracker(settings, params, True)
-        stored = _run(tracker.load_model, model)
+        from transdnn.tracking import load_model
+
+        _configure(settings, params)
+        stored = _run(load_model, model)
         metrics, folder = _run(embed_with_model, stored, model, partition.value, part, dev)
         typer.echo(
             f"{partition.value}: {model} homology rank {metrics['homology_rank_mean']:.2f} (raw {metrics['raw_homology_rank']:.2f}) -> {folder}"
@@ -314,9 +316,9 @@ def promote(
     from transdnn.registry import champion_uri
 
     settings, part = _partition(params, partition)
-    tracker = _tracker(settings, params, True)
+    tracker = _tracker(settings, params, True, create=False)
     better = settings.promote.require_better if require_better is None else require_better
-    p = _run(promote_partition, partition.value, part, tracker.experiment_id, settings.promote.criterion, run_id, better)
+    p = _run(lambda: promote_partition(partition.value, part, tracker.experiment_id, settings.promote.criterion, run_id, better))
     verb = "promoted" if p.moved else "kept"
     typer.echo(
         f"{partition.value}: {verb} version {p.version} (replicate {p.champion.replicate}, {p.champion.figures()}): {p.reason} -> {champion_uri(partition.value)}"

@@ -205,6 +205,8 @@ def train_partition(
     for path, done in trained.items():
         if done is None:  # every set to train, checked before the first trains: a bad one fails in seconds
             check_training_file(path, inputs.genes, inputs.homology)
+    if tracker is not None:
+        tracker.connect()  # the inputs are sound: now the store must answer, before any output is touched
     if stage:
         _drop_unlisted(part.out, list(layouts.values()))
     outcomes = []
@@ -335,6 +337,8 @@ def embed_partition(
     all data sets, and metrics.json, which is returned: `all_data_sets` (the job's pooled answer) and
     `data_sets` (each set's)."""
     inputs = load_inputs(part.data)
+    if tracker is not None:
+        tracker.connect()
     layouts = [RunLayout.for_training_file(part.out, path) for path in part.data.train_paths]
     # Every training's run is looked up before anything is written: a store that lacks one (swapped or
     # lost since the training) stops the job with no embedding of any data set half-recorded.

@@ -121,6 +121,17 @@ def reader() -> MlflowClient | None:
     return MlflowClient()
 
 
+def load_model(uri: str) -> Any:
+    """Load a logged or registered replicate model through MLflow (never by reading the store's files).
+    A `models:/` or `runs:/` URI on a local store that does not exist yet is refused without making one."""
+    if uri.startswith(("models:/", "runs:/")) and reader() is None:
+        raise TrackingError(f"{uri}: cannot load model (no MLflow store at {_sqlite_file(mlflow.get_tracking_uri())} yet)")
+    try:
+        return mlflow.pyfunc.load_model(uri).unwrap_python_model().model
+    except MlflowException as exc:
+        raise TrackingError(f"{uri}: cannot load model ({str(exc).splitlines()[0][:160]})") from None
+
+
 def retry(call: Callable[[], T], attempts: int = 8, delay: float = 0.2) -> T:
     """Retry a store call while SQLite reports it is locked or busy (parallel writers)."""
     for attempt in range(attempts):
@@ -396,22 +407,48 @@ class TrainingRun:
 
 
 class Tracker:
-    """Opens and reopens runs in one experiment of the configured store."""
+    """Opens and reopens runs in one experiment of the configured store.
 
-    def __init__(self, experiment: str, project: Path) -> None:
+    Made without touching the store: a job opens it (`connect`) once its inputs have passed their
+    checks, so a command that fails on a missing file leaves no fresh mlflow.db behind."""
+
+    def __init__(self, experiment: str, project: Path, create: bool = True) -> None:
+        self.experiment = experiment
+        self.project = project
+        self.create = create  # False: a local store that does not exist yet is an error, not made
+
+    @property
+    def client(self) -> MlflowClient:
+        return self._opened[0]
+
+    @property
+    def experiment_id(self) -> str:
+        return self._opened[1]
+
+    def connect(self) -> None:
+        """Open the store now, so a store that does not answer fails the command before it writes."""
+        self._opened  # noqa: B018 - opening is the cached property's side effect
+
+    @functools.cached_property
+    def _opened(self) -> tuple[MlflowClient, str]:
         uri = mlflow.get_tracking_uri()
         _check_answers(uri)
+        database = _sqlite_file(uri)
+        if not self.create and database is not None and not database.is_file():
+            raise TrackingError(
+                f"{database}: no MLflow store there yet (expected the store of a `transdnn train`, "
+                "at tracking.uri or MLFLOW_TRACKING_URI)"
+            )
         try:
             with store_lock():  # creating the client may create and migrate a fresh store
-                self.client = MlflowClient()
-                self.experiment_id = ensure_experiment(self.client, experiment, project)
+                client = MlflowClient()
+                return client, ensure_experiment(client, self.experiment, self.project)
         except MlflowException as exc:
             reason = str(exc).splitlines()[0][:200]
             raise TrackingError(
-                f"{shown(uri)}: the store refused the experiment {experiment!r} ({reason}); expected a store this user may "
-                "write to at tracking.uri or MLFLOW_TRACKING_URI"
+                f"{shown(uri)}: the store refused the experiment {self.experiment!r} ({reason}); expected a store this "
+                "user may write to at tracking.uri or MLFLOW_TRACKING_URI"
             ) from None
-        self.project = project
 
     @contextmanager
     def training(self, spec: RunSpec, resume_run_id: str | None = None) -> Iterator[TrainingRun]:
@@ -531,10 +568,3 @@ class Tracker:
         except MlflowException:
             return False
         return run.info.experiment_id == self.experiment_id and run.info.status == "FINISHED"
-
-    def load_model(self, uri: str) -> Any:
-        """Load a logged or registered replicate model through MLflow (never by reading the store's files)."""
-        try:
-            return mlflow.pyfunc.load_model(uri).unwrap_python_model().model
-        except MlflowException as exc:
-            raise TrackingError(f"{uri}: cannot load model ({str(exc).splitlines()[0][:160]})") from None

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from transdnn.atomic import AlternatingFile, write_text
+from transdnn.atomic import AlternatingFile, check_output_folder, write_text
+from transdnn.errors import OutputError
 
 
 def test_write_text_replaces_whole_file_and_leaves_no_temporaries(tmp_path: Path):
@@ -43,3 +46,42 @@ def test_alternating_file_killed_mid_write_keeps_the_previous_state(tmp_path: Pa
         state.write(dies_half_way)
     assert int(torch.load(state.current(), weights_only=True)["epoch"]) == 4
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_file_in_the_way_is_one_line_naming_the_output(tmp_path: Path):
+    (tmp_path / "runs").write_text("not a folder")
+    target = tmp_path / "runs" / "cortex" / "a.json"
+    with pytest.raises(OutputError) as err:
+        write_text(target, "x\n")
+    assert (
+        str(err.value) == f"{target}: cannot write (Not a directory); expected a folder this user may write to, with free space"
+    )
+    with pytest.raises(OutputError, match=r"cannot hold outputs \(.*/runs is not a folder\)"):
+        check_output_folder(target.parent)
+    check_output_folder(tmp_path / "new" / "deeper")
+    assert not (tmp_path / "new").exists(), "the check creates nothing"
+
+
+def test_a_write_the_disk_refuses_leaves_the_old_file_and_no_temporary(tmp_path: Path):
+    """A file-size limit makes the kernel refuse the write part-way, as a full disk does."""
+    target = tmp_path / "metrics.json"
+    write_text(target, "old\n")
+    code = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+        "from transdnn.atomic import write_text\n"
+        "from transdnn.errors import OutputError\n"
+        "try:\n"
+        f"    write_text({str(target)!r}, 'x' * 100_000)\n"
+        "except OutputError as exc:\n"
+        "    sys.exit(str(exc))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 1
+    assert (
+        done.stderr.strip()
+        == f"{target}: cannot write (File too large); expected a folder this user may write to, with free space"
+    )
+    assert target.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]

@@ -276,6 +276,21 @@ def test_a_command_that_fails_makes_no_store(
     assert not list(tmp_path.glob("fresh.db*"))
 
 
+@pytest.mark.parametrize("command", ["train", "embed"])
+def test_an_output_folder_that_cannot_be_made_fails_before_any_run(command: str, params: Path, tracking_uri: str, tmp_path: Path):
+    (tmp_path / "taken").write_text("a file where the outputs' folder would go")
+    out = tmp_path / "taken" / "cortex"
+    result = runner.invoke(app, [command, "cortex", "--params", str(params), "--out", str(out)])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        f"error: {out}: cannot hold outputs ({tmp_path / 'taken'} is not a folder); expected a folder this user may "
+        "write to: `out` in params.yaml or --out"
+    )
+    assert (
+        MlflowClient(tracking_uri).search_runs([e.experiment_id for e in MlflowClient(tracking_uri).search_experiments()]) == []
+    )
+
+
 def test_messages_mask_a_password_in_the_store_uri():
     assert shown("postgresql://mlflow:s3cret@db:5432/mlflow") == "postgresql://mlflow:***@db:5432/mlflow"
     assert shown("http://127.0.0.1:5000") == "http://127.0.0.1:5000"

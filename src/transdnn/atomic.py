@@ -15,6 +15,8 @@ from typing import Any, BinaryIO
 
 import pandas as pd
 
+from transdnn.errors import OutputError
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -26,24 +28,55 @@ def atomic_path(path: str | Path, durable: bool = True) -> Iterator[Path]:
     `durable=False` skips the fsync: still atomic against a killed process, not against power loss
     (for the per-epoch resume state, rewritten every epoch)."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+    with _writing(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
     try:
         yield tmp_path
-        if durable:
-            with open(tmp_path, "rb+") as fh:
-                os.fsync(fh.fileno())
-        os.replace(tmp_path, target)
+        with _writing(target):
+            if durable:
+                with open(tmp_path, "rb+") as fh:
+                    os.fsync(fh.fileno())
+            os.replace(tmp_path, target)
     finally:
         tmp_path.unlink(missing_ok=True)
 
 
+@contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """The system's refusal to write (a file in the way, no permission, a full disk) as one line naming
+    the file, instead of a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        raise OutputError(
+            f"{path}: cannot write ({exc.strerror or exc}); expected a folder this user may write to, with free space"
+        ) from None
+
+
+def check_output_folder(folder: Path) -> None:
+    """Refuse an output folder that cannot be made, before a job opens runs or trains for hours: the
+    nearest existing folder on its path must be a folder this user may write to. Nothing is created."""
+    existing = Path(os.path.abspath(folder))
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        why = f"{existing} is not a folder"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        why = f"{existing} is not writable"
+    else:
+        return
+    raise OutputError(
+        f"{folder}: cannot hold outputs ({why}); expected a folder this user may write to: `out` in params.yaml or --out"
+    )
+
+
 def write_with(path: str | Path, writer: Callable[[Path], Any], durable: bool = True) -> Path:
     """Run `writer(tmp)` and move its file onto `path` atomically."""
-    with atomic_path(path, durable) as tmp:
+    with atomic_path(path, durable) as tmp, _writing(Path(path)):
         writer(tmp)
     return Path(path)
 
@@ -88,10 +121,11 @@ class AlternatingFile:
     def write(self, writer: Callable[[BinaryIO], Any]) -> Path:
         """Rewrite the other buffer in place, then point at it."""
         target = self.buffers[1] if self.current() == self.buffers[0] else self.buffers[0]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with open(target, "r+b" if target.exists() else "wb") as fh:
-            writer(fh)
-            fh.truncate()
+        with _writing(target):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(target, "r+b" if target.exists() else "wb") as fh:
+                writer(fh)
+                fh.truncate()
         with atomic_path(self.pointer, durable=False) as tmp:
             tmp.write_text(target.name + "\n")
         return target

@@ -13,5 +13,9 @@ class ConfigError(TransdnnError):
     """params.yaml or a CLI option holds an unknown key, a wrong type or an impossible value."""
 
 
+class OutputError(TransdnnError):
+    """An output cannot be written where the settings put it: a file in the way, no permission, a full disk."""
+
+
 class TrackingError(TransdnnError):
     """The MLflow store or registry cannot give what was asked for."""

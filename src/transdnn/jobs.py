@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from transdnn.atomic import write_csv, write_json
+from transdnn.atomic import check_output_folder, write_csv, write_json
 from transdnn.checkpoints import RunLayout, StoredModel, load_model, save_model
 from transdnn.data import (
     PartitionInputs,
@@ -205,6 +205,7 @@ def train_partition(
     for path, done in trained.items():
         if done is None:  # every set to train, checked before the first trains: a bad one fails in seconds
             check_training_file(path, inputs.genes, inputs.homology)
+    check_output_folder(part.out)
     if tracker is not None:
         tracker.connect()  # the inputs are sound: now the store must answer, before any output is touched
     if stage:
@@ -337,6 +338,7 @@ def embed_partition(
     all data sets, and metrics.json, which is returned: `all_data_sets` (the job's pooled answer) and
     `data_sets` (each set's)."""
     inputs = load_inputs(part.data)
+    check_output_folder(part.out)
     if tracker is not None:
         tracker.connect()
     layouts = [RunLayout.for_training_file(part.out, path) for path in part.data.train_paths]

@@ -292,6 +292,18 @@ def test_help_lists_every_command():
         assert cmd in result.stdout
 
 
+def test_version_names_transdnn_and_the_libraries_it_runs_on():
+    from importlib.metadata import version
+
+    import transdnn
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    line = result.stdout.strip()
+    assert line.startswith(f"transdnn {transdnn.__version__} (Python 3.")
+    assert f"torch {torch.__version__}" in line and f"mlflow {version('mlflow')}" in line
+
+
 def test_validate_loads_neither_torch_nor_mlflow(params: Path):
     """Checking inputs is a data-contract matter: it should not pay ~3 s for torch, MLflow and the loop."""
     code = (

@@ -20,6 +20,29 @@ registry_app = typer.Typer(help="Look models up in the MLflow model registry.", 
 app.add_typer(registry_app, name="registry")
 
 
+def _print_version(show: bool) -> None:
+    """The versions a bug report needs, read from the installed metadata (nothing heavy is imported)."""
+    if not show:
+        return
+    import platform
+    from importlib.metadata import version
+
+    import transdnn
+
+    deps = ", ".join(f"{name} {version(name)}" for name in ("torch", "mlflow", "anndata", "dvc"))
+    typer.echo(f"transdnn {transdnn.__version__} (Python {platform.python_version()}, {deps})")
+    raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    show_version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the versions and exit.")
+    ] = False,
+) -> None:
+    """Options before the command."""
+
+
 class Partition(str, Enum):
     cortex = "cortex"
     subcortex = "subcortex"

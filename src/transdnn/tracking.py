@@ -416,21 +416,24 @@ class Tracker:
         self.experiment = experiment
         self.project = project
         self.create = create  # False: a local store that does not exist yet is an error, not made
+        self._opened: tuple[MlflowClient, str] | None = None
 
     @property
     def client(self) -> MlflowClient:
-        return self._opened[0]
+        return self.connect()[0]
 
     @property
     def experiment_id(self) -> str:
-        return self._opened[1]
+        return self.connect()[1]
 
-    def connect(self) -> None:
-        """Open the store now, so a store that does not answer fails the command before it writes."""
-        self._opened  # noqa: B018 - opening is the cached property's side effect
+    def connect(self) -> tuple[MlflowClient, str]:
+        """Open the store (once): the client and the experiment's id. A job calls it as soon as its inputs
+        pass, so a store that does not answer fails the command before anything is written."""
+        if self._opened is None:
+            self._opened = self._open()
+        return self._opened
 
-    @functools.cached_property
-    def _opened(self) -> tuple[MlflowClient, str]:
+    def _open(self) -> tuple[MlflowClient, str]:
         uri = mlflow.get_tracking_uri()
         _check_answers(uri)
         database = _sqlite_file(uri)

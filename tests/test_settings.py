@@ -86,3 +86,23 @@ def test_a_pattern_that_matches_nothing_exits_2_with_one_line(command: str, para
         f"error: {raw['cortex']['data']['train_dir']}: no file matches data.train pattern 'Integrated_*.h5ad.gz' "
         "(expected .h5ad files there)"
     ]
+
+
+@pytest.mark.parametrize(("section", "key"), [("cortex", "human"), ("subcortex", "train_dir"), ("cortex", None)])
+def test_a_path_from_the_home_folder_is_refused_as_dvc_would_not_find_it(section: str, key: str | None, params: Path):
+    """`dvc repro` reads the same paths as stage dependencies and takes `~` literally."""
+    raw = yaml.safe_load(params.read_text())
+    if key is None:
+        raw[section]["out"] = "~/transdnn-runs"
+        field = f"{section}.out"
+    else:
+        raw[section]["data"][key] = "~/TransBrain/files"
+        field = f"{section}.data.{key}"
+    params.write_text(yaml.safe_dump(raw))
+    result = runner.invoke(app, ["validate", section, "--params", str(params)])
+    assert result.exit_code == 2
+    value = raw[section]["out"] if key is None else raw[section]["data"][key]
+    assert result.stderr.strip() == (
+        f"error: {params}: field '{field}': {value!r} starts with '~', which DVC does not expand "
+        "(expected an absolute path, or one relative to params.yaml)"
+    )

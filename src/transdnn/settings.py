@@ -170,28 +170,34 @@ class Settings(_Strict):
 PARTITIONS: tuple[str, ...] = ("cortex", "subcortex")
 
 
-def _resolve_paths(raw: dict[str, Any], root: Path) -> dict[str, Any]:
-    """Make every relative path in params.yaml relative to the file's own folder."""
+def _resolve_paths(raw: dict[str, Any], root: Path, source: Path) -> dict[str, Any]:
+    """Make every relative path in params.yaml relative to the file's own folder. A path starting with
+    `~` is refused: DVC, which reads the same paths as stage dependencies, takes it literally."""
 
-    def fix(value: Any) -> Any:
+    def fix(field: str, value: Any) -> Any:
+        if str(value).startswith("~"):
+            raise ConfigError(
+                f"{source}: field '{field}': {value!r} starts with '~', which DVC does not expand "
+                "(expected an absolute path, or one relative to params.yaml)"
+            )
         return str(value if Path(value).is_absolute() else root / value)
 
     out = dict(raw)
     if isinstance(out.get("synth"), dict) and "out" in out["synth"]:
-        out["synth"] = {**out["synth"], "out": fix(out["synth"]["out"])}
+        out["synth"] = {**out["synth"], "out": fix("synth.out", out["synth"]["out"])}
     for name in PARTITIONS:
         part = out.get(name)
         if not isinstance(part, dict):
             continue
         part = dict(part)
         if "out" in part:
-            part["out"] = fix(part["out"])
+            part["out"] = fix(f"{name}.out", part["out"])
         data = part.get("data")
         if isinstance(data, dict):
             data = dict(data)
             for key, value in data.items():
                 if key != "train" and isinstance(value, str):
-                    data[key] = fix(value)
+                    data[key] = fix(f"{name}.data.{key}", value)
             part["data"] = data
         out[name] = part
     return out
@@ -215,7 +221,7 @@ def load_settings(path: str | Path = "params.yaml") -> Settings:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     try:
-        return Settings.model_validate(_resolve_paths(raw, path.resolve().parent))
+        return Settings.model_validate(_resolve_paths(raw, path.resolve().parent, path))
     except ValidationError as err:
         raise _first_error(path, err) from None
 

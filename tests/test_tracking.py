@@ -246,6 +246,21 @@ def test_no_server_at_the_tracking_uri_exits_2(
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("command", [["train", "cortex"], ["promote", "cortex"], ["registry", "show"]])
+def test_a_file_store_is_refused_in_one_line(command: list[str], params: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """An old `./mlruns` at MLFLOW_TRACKING_URI: MLflow 3 alone raises a paragraph, as a traceback."""
+    store = tmp_path / "mlruns"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.as_uri())
+    result = runner.invoke(app, [*command, "--params", str(params)])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        f"error: {store.as_uri()}: a file store, which MLflow 3 refuses (expected a database such as "
+        f"sqlite:///{params.parent.resolve() / 'mlflow.db'} or a tracking server, at tracking.uri or MLFLOW_TRACKING_URI; "
+        "`mlflow migrate-filestore` moves old runs)"
+    )
+    assert not store.exists() and not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize(
     ("command", "expected"),
     [

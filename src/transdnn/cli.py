@@ -99,7 +99,7 @@ def _configure(settings, params: Path) -> Path:  # type: ignore[no-untyped-def]
     from transdnn.tracking import configure
 
     project = params.resolve().parent
-    configure(settings.tracking, project)
+    _run(configure, settings.tracking, project)
     return project
 
 

@@ -30,11 +30,13 @@ import numpy as np
 import pandas as pd
 import yaml
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, Run
+from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
 from mlflow.exceptions import MlflowException
 from mlflow.models.signature import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+from mlflow.utils.uri import is_local_uri
 from packaging.version import Version
 
 import transdnn
@@ -72,6 +74,12 @@ def default_uri(project: Path) -> str:
 def configure(settings: TrackingSettings, project: Path) -> str:
     """Point MLflow at the store: MLFLOW_TRACKING_URI, else params.yaml's `tracking.uri`, else the default."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or settings.uri or default_uri(project)
+    if is_local_uri(uri) and not MLFLOW_ALLOW_FILE_STORE.get():
+        # MLflow 3 raises a paragraph-long error, as a traceback, on a file store (e.g. an old ./mlruns)
+        raise TrackingError(
+            f"{uri}: a file store, which MLflow 3 refuses (expected a database such as {default_uri(project)} or a "
+            "tracking server, at tracking.uri or MLFLOW_TRACKING_URI; `mlflow migrate-filestore` moves old runs)"
+        )
     mlflow.set_tracking_uri(uri)
     # MLflow draws two "Downloading artifacts" bars per logged model (10 per training) on stderr.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

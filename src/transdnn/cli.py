@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
 from transdnn.errors import TransdnnError
+
+if TYPE_CHECKING:  # annotations only: the CLI imports the library lazily, per command
+    import pandas as pd
+
+    from transdnn.settings import PartitionSettings, Settings
+    from transdnn.tracking import Tracker
+
+T = TypeVar("T")
 
 app = typer.Typer(
     help="Detached DNN region embeddings for mouse-human brain translation.",
@@ -70,7 +79,7 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _run(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+def _run(fn: Callable[..., T], *args: object, **kwargs: object) -> T:
     """Call library code; its typed errors become one line on stderr and exit status 2."""
     try:
         return fn(*args, **kwargs)
@@ -80,13 +89,15 @@ def _run(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
         raise _fail("interrupted", 130) from None
 
 
-def _settings(params: Path):  # type: ignore[no-untyped-def]
+def _settings(params: Path) -> Settings:
     from transdnn.settings import load_settings
 
     return _run(load_settings, params)
 
 
-def _partition(params: Path, partition: Partition, out: Path | None = None, **paths: Path | None):  # type: ignore[no-untyped-def]
+def _partition(
+    params: Path, partition: Partition, out: Path | None = None, **paths: Path | None
+) -> tuple[Settings, PartitionSettings]:
     from transdnn.settings import override_paths
 
     settings = _settings(params)
@@ -94,7 +105,7 @@ def _partition(params: Path, partition: Partition, out: Path | None = None, **pa
     return settings, part
 
 
-def _configure(settings, params: Path) -> Path:  # type: ignore[no-untyped-def]
+def _configure(settings: Settings, params: Path) -> Path:
     """Point MLflow at the store params.yaml (or the environment) names; return the project folder."""
     from transdnn.tracking import configure
 
@@ -103,9 +114,9 @@ def _configure(settings, params: Path) -> Path:  # type: ignore[no-untyped-def]
     return project
 
 
-def _tracker(settings, params: Path, enabled: bool, create: bool = True):  # type: ignore[no-untyped-def]
-    if not enabled:
-        return None
+def _tracker(settings: Settings, params: Path, create: bool = True) -> Tracker:
+    """The store params.yaml names, opened only once a job's inputs have passed (`create=False`: one
+    that does not exist yet is an error, not made)."""
     from transdnn.tracking import Tracker
 
     return Tracker(settings.tracking.experiment, _configure(settings, params), create)
@@ -117,9 +128,10 @@ class _Progress:
 
     def __init__(self, total: int, label: str) -> None:
         self.bar = typer.progressbar(length=total, label=label, file=None)  # drawn when entered
+        self.total = total
         self.drawn = False
 
-    def on_epoch(self, epoch: int, metrics) -> None:  # type: ignore[no-untyped-def]
+    def on_epoch(self, epoch: int, metrics: pd.DataFrame) -> None:
         if not self.drawn:
             self.bar.__enter__()
             self.drawn = True
@@ -133,7 +145,7 @@ class _Progress:
         replicate-epochs that will never run. A failed one leaves it where the work stopped."""
         if self.drawn:
             if finished:
-                self.bar.update(self.bar.length - self.bar.pos)
+                self.bar.update(self.total - self.bar.pos)
             self.bar.__exit__(None, None, None)
 
 
@@ -227,7 +239,7 @@ def train_cmd(
         shuffle_labels=shuffle_labels,
     )
     dev = _run(resolve_device, part.train.device)
-    tracker = _tracker(settings, params, not no_track)
+    tracker = None if no_track else _tracker(settings, params)
     sets = len(_run(lambda: part.data.train_paths))
     progress = _Progress(part.train.replicates * part.train.max_epochs * sets, f"{partition.value} replicate-epochs")
     try:
@@ -282,7 +294,7 @@ def embed(
         )
         return
     kind = checkpoint.value if checkpoint else part.embed.checkpoint
-    report = _run(embed_partition, partition.value, part, dev, kind, _tracker(settings, params, not no_track))
+    report = _run(embed_partition, partition.value, part, dev, kind, None if no_track else _tracker(settings, params))
     lines = [(f"{partition.value}/{name}", m) for name, m in report["data_sets"].items()]
     if len(lines) > 1:
         pooled = report["all_data_sets"]
@@ -339,7 +351,7 @@ def promote(
     from transdnn.registry import champion_uri
 
     settings, part = _partition(params, partition)
-    tracker = _tracker(settings, params, True, create=False)
+    tracker = _tracker(settings, params, create=False)
     better = settings.promote.require_better if require_better is None else require_better
     p = _run(lambda: promote_partition(partition.value, part, tracker.experiment_id, settings.promote.criterion, run_id, better))
     verb = "promoted" if p.moved else "kept"

@@ -191,7 +191,7 @@ def test_require_better_compares_exact_figures_not_the_rounded_tags(params: Path
     assert shown["run_id"] == held.run_id
     assert (shown["replicate"], shown["chosen_homology_rank"], shown["best_valid_loss"]) == (0, 1.0, 1.73276)
     assert shown["dataset"] == "Integrated_dataset_0" and shown["version"] == 1
-    assert shown["promotion_reason"] == f"lowest homology_rank among 1 replicates of run(s) {runs[0]}"
+    assert shown["promotion_reason"] == f"lowest homology_rank among 1 replicate of run(s) {runs[0]}"
 
 
 def test_promote_keeps_a_better_champion_unless_ranked_on_other_inputs(params: Path, tracking_uri: str, tiny: TinyData):

@@ -250,7 +250,7 @@ def train_cmd(
     progress.close(finished=True)
     for o in outcomes:
         typer.echo(
-            f"{partition.value}/{o.dataset}: {len(o.summary)} replicates, epochs {int(o.summary.epochs_run.min())}-{int(o.summary.epochs_run.max())}, "
+            f"{partition.value}/{o.dataset}: {len(o.summary)} replicate{'s' * (len(o.summary) != 1)}, epochs {int(o.summary.epochs_run.min())}-{int(o.summary.epochs_run.max())}, "
             f"best valid loss {o.summary.best_valid_loss.mean():.4f}, homology rank {o.chosen_ranks.mean():.2f}"
             + (f", run {o.run_id}" if o.run_id else "")
             + (" (trained before; kept)" if o.trained_before else "")

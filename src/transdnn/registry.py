@@ -196,7 +196,7 @@ def promotion_reason(criterion: str, replicates: int, run_ids: list[str]) -> str
     """Why a version is champion, in one line: a job over the published 100 data sets has 100 training
     runs, whose ids would make it 3,400 characters (each version keeps its own run id)."""
     runs = f"run(s) {', '.join(run_ids)}" if len(run_ids) <= MAX_RUNS_NAMED else f"{len(run_ids)} training runs"
-    return f"lowest {criterion} among {replicates} replicates of {runs}"
+    return f"lowest {criterion} among {replicates} replicate{'s' * (replicates != 1)} of {runs}"
 
 
 def promote(

@@ -28,21 +28,20 @@ def atomic_path(path: str | Path, durable: bool = True) -> Iterator[Path]:
     `durable=False` skips the fsync: still atomic against a killed process, not against power loss
     (for the per-epoch resume state, rewritten every epoch)."""
     target = Path(path)
-    with _writing(target):
+    with _writing(target):  # the folder, the temporary file, the caller's writes into it, the rename
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         os.close(fd)
-    tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
-    try:
-        yield tmp_path
-        with _writing(target):
+        tmp_path = Path(tmp)
+        try:
+            os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
+            yield tmp_path
             if durable:
                 with open(tmp_path, "rb+") as fh:
                     os.fsync(fh.fileno())
             os.replace(tmp_path, target)
-    finally:
-        tmp_path.unlink(missing_ok=True)
+        finally:
+            tmp_path.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -76,7 +75,7 @@ def check_output_folder(folder: Path) -> None:
 
 def write_with(path: str | Path, writer: Callable[[Path], Any], durable: bool = True) -> Path:
     """Run `writer(tmp)` and move its file onto `path` atomically."""
-    with atomic_path(path, durable) as tmp, _writing(Path(path)):
+    with atomic_path(path, durable) as tmp:
         writer(tmp)
     return Path(path)
 

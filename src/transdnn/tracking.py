@@ -118,22 +118,24 @@ def _sqlite_file(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
-def reader() -> MlflowClient | None:
-    """A client for looking things up, or None when the configured store is a local SQLite file that does
-    not exist yet: nothing is recorded there, and opening it would create and migrate an empty store."""
-    uri = mlflow.get_tracking_uri()
+def _absent_store(uri: str) -> Path | None:
+    """The database file of a local SQLite store that does not exist yet: nothing is recorded there, and
+    opening it would create and migrate an empty store. None for an existing file or any other store."""
     _check_answers(uri)
     database = _sqlite_file(uri)
-    if database is not None and not database.is_file():
-        return None
-    return MlflowClient()
+    return database if database is not None and not database.is_file() else None
+
+
+def reader() -> MlflowClient | None:
+    """A client for looking things up, or None when the configured store does not exist yet."""
+    return None if _absent_store(mlflow.get_tracking_uri()) else MlflowClient()
 
 
 def load_model(uri: str) -> Any:
     """Load a logged or registered replicate model through MLflow (never by reading the store's files).
     A `models:/` or `runs:/` URI on a local store that does not exist yet is refused without making one."""
-    if uri.startswith(("models:/", "runs:/")) and reader() is None:
-        raise TrackingError(f"{uri}: cannot load model (no MLflow store at {_sqlite_file(mlflow.get_tracking_uri())} yet)")
+    if uri.startswith(("models:/", "runs:/")) and (database := _absent_store(mlflow.get_tracking_uri())):
+        raise TrackingError(f"{uri}: cannot load model (no MLflow store at {database} yet)")
     try:
         return mlflow.pyfunc.load_model(uri).unwrap_python_model().model
     except MlflowException as exc:
@@ -443,9 +445,8 @@ class Tracker:
 
     def _open(self) -> tuple[MlflowClient, str]:
         uri = mlflow.get_tracking_uri()
-        _check_answers(uri)
-        database = _sqlite_file(uri)
-        if not self.create and database is not None and not database.is_file():
+        database = _absent_store(uri)
+        if database is not None and not self.create:
             raise TrackingError(
                 f"{database}: no MLflow store there yet (expected the store of a `transdnn train`, "
                 "at tracking.uri or MLFLOW_TRACKING_URI)"

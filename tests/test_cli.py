@@ -313,3 +313,17 @@ def test_validate_loads_neither_torch_nor_mlflow(params: Path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
     assert "Integrated_dataset_0.h5ad: rows" in out and out.strip().splitlines()[-1] == "[]", out
+
+
+def test_a_tilde_in_an_option_is_the_home_folder_as_the_shell_would_make_it(params: Path, tmp_path: Path, monkeypatch):
+    """`--out=~/x` reaches the program unexpanded (the shell expands only `--out ~/x`)."""
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir()
+    cwd.mkdir()
+    shutil.copy(params, home / "params.yaml")
+    monkeypatch.chdir(cwd)
+    args = ["train", "cortex", "--params=~/params.yaml", "--out=~/elsewhere", "--no-track", "--max-epochs", "1"]
+    result = runner.invoke(app, args, env={"HOME": str(home)})
+    assert result.exit_code == 0, result.stderr
+    assert (home / "elsewhere" / "train" / "Integrated_dataset_0" / "train.json").is_file()
+    assert not (cwd / "~").exists(), "no folder named '~' may appear"

@@ -63,13 +63,22 @@ class CheckpointKind(str, Enum):
     last = "last"
 
 
-ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="Settings file (the single home of defaults).")]
-DataOpt = Annotated[Path | None, typer.Option("--data", help="Training h5ad ({region}_{sampleK}_{cell} ids).")]
-HumanOpt = Annotated[Path | None, typer.Option("--human", help="Human transform h5ad.")]
-MouseOpt = Annotated[Path | None, typer.Option("--mouse", help="Mouse transform h5ad.")]
-GenesOpt = Annotated[Path | None, typer.Option("--genes", help="Gene list CSV (column 'genes').")]
-HomologyOpt = Annotated[Path | None, typer.Option("--homology", help="Homology CSV (human_region, mouse_region).")]
-OutOpt = Annotated[Path | None, typer.Option("--out", help="Output folder of the partition.")]
+def _user_path(value: Path | None) -> Path | None:
+    """Expand a leading `~` as the shell would have: it does not in `--out=~/x`, only in `--out ~/x`."""
+    return None if value is None else value.expanduser()
+
+
+def _path_option(*names: str, help: str) -> typer.models.OptionInfo:
+    return typer.Option(*names, help=help, callback=_user_path)
+
+
+ParamsOpt = Annotated[Path, _path_option("--params", "-p", help="Settings file (the single home of defaults).")]
+DataOpt = Annotated[Path | None, _path_option("--data", help="Training h5ad ({region}_{sampleK}_{cell} ids).")]
+HumanOpt = Annotated[Path | None, _path_option("--human", help="Human transform h5ad.")]
+MouseOpt = Annotated[Path | None, _path_option("--mouse", help="Mouse transform h5ad.")]
+GenesOpt = Annotated[Path | None, _path_option("--genes", help="Gene list CSV (column 'genes').")]
+HomologyOpt = Annotated[Path | None, _path_option("--homology", help="Homology CSV (human_region, mouse_region).")]
+OutOpt = Annotated[Path | None, _path_option("--out", help="Output folder of the partition.")]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 NoTrackOpt = Annotated[bool, typer.Option("--no-track", help="Do not record to MLflow.")]
 
@@ -152,7 +161,7 @@ class _Progress:
 @app.command()
 def synth(
     params: ParamsOpt = Path("params.yaml"),
-    out: Annotated[Path | None, typer.Option(help="Folder for the synthetic inputs.")] = None,
+    out: Annotated[Path | None, _path_option("--out", help="Folder for the synthetic inputs.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     samples_per_region: Annotated[int | None, typer.Option(help="Samples per human region in the training set.")] = None,
     cells_per_sample: Annotated[int | None, typer.Option(help="Cells per sample in the training set.")] = None,
@@ -309,7 +318,7 @@ def embed(
 @app.command("test")
 def test_cmd(
     partition: Partition,
-    test: Annotated[Path, typer.Option("--test", help="Held-out labelled h5ad to test on.")],
+    test: Annotated[Path, _path_option("--test", help="Held-out labelled h5ad to test on.")],
     params: ParamsOpt = Path("params.yaml"),
     data: DataOpt = None,
     replicates: Annotated[int | None, typer.Option(help="Replicates.")] = None,

@@ -192,6 +192,9 @@ def test_require_better_compares_exact_figures_not_the_rounded_tags(params: Path
     assert (shown["replicate"], shown["chosen_homology_rank"], shown["best_valid_loss"]) == (0, 1.0, 1.73276)
     assert shown["dataset"] == "Integrated_dataset_0" and shown["version"] == 1
     assert shown["promotion_reason"] == f"lowest homology_rank among 1 replicate of run(s) {runs[0]}"
+    promoted = json.loads((params.parent / "runs" / "cortex" / "promotion.json").read_text())
+    described = ("version", "run_id", "dataset", "replicate", "chosen_homology_rank", "best_valid_loss")
+    assert {k: promoted[k] for k in described} == {k: shown[k] for k in described}, "one vocabulary in both"
 
 
 def test_promote_keeps_a_better_champion_unless_ranked_on_other_inputs(params: Path, tracking_uri: str, tiny: TinyData):
@@ -217,7 +220,7 @@ def test_promote_keeps_a_better_champion_unless_ranked_on_other_inputs(params: P
     kept = promote(worse)
     assert not kept["moved"] and "does not beat it" in kept["reason"], kept
     assert (kept["version"], kept["run_id"]) == (held["version"], held["run_id"])  # the champion, unchanged
-    assert kept["candidate"]["homology_rank"] == 99.0 and kept["candidate"]["version"] != held["version"]
+    assert kept["candidate"]["chosen_homology_rank"] == 99.0 and kept["candidate"]["version"] != held["version"]
     assert int(client.get_model_version_by_alias("transdnn-cortex", "champion").version) == held["version"]
     always = promote(worse, "--always")
     assert always["moved"] and always["run_id"] == always["candidate"]["run_id"] != held["run_id"]
@@ -228,7 +231,7 @@ def test_promote_keeps_a_better_champion_unless_ranked_on_other_inputs(params: P
     human.X = human.X + 0.1
     human.write_h5ad(other)
     moved = promote(train_worse("--human", str(other)))
-    assert moved["moved"] and moved["homology_rank"] == 99.0, moved
+    assert moved["moved"] and moved["chosen_homology_rank"] == 99.0, moved
     assert "ranked on other transform sets, genes or homology" in moved["reason"]
 
     promote(good, "--always")  # a best-rank checkpoint's rank chose it: not compared with best-valid ones

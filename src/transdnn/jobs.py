@@ -16,7 +16,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -39,9 +39,6 @@ from transdnn.lineage import RANKED_ON, RunSpec
 from transdnn.model import seeds_for
 from transdnn.settings import PartitionSettings
 from transdnn.training import EPOCH_METRICS, TrainingSink, TrainResult, check_shapes, load_state, train
-
-if TYPE_CHECKING:  # the registry imports MLflow: only promote loads it
-    from transdnn.registry import Candidate
 
 EXAMPLE_ROWS = 3
 
@@ -494,7 +491,7 @@ def promote_partition(
     """Promote from `run_id`, else from this workspace's last training, else the latest in MLflow;
     record in `<out>/promotion.json` (the DVC promote stage's output) the champion the alias names
     afterwards, and under `candidate` the training's best it was offered."""
-    from transdnn.registry import champion_uri, promote
+    from transdnn.registry import champion_uri, describe, promote
 
     run_ids = [run_id] if run_id else trained_run_ids(part)
     result = promote(partition, experiment_id, criterion, run_ids or None, require_better)
@@ -505,19 +502,8 @@ def promote_partition(
             "moved": result.moved,
             "reason": result.reason,
             "uri": champion_uri(partition),
-            **_described(result.version, result.champion),
-            "candidate": _described(result.candidate_version, result.candidate),
+            **describe(result.version, result.champion),
+            "candidate": describe(result.candidate_version, result.candidate),
         },
     )
     return result
-
-
-def _described(version: str, cand: Candidate) -> dict[str, Any]:
-    return {
-        "version": int(version),
-        "run_id": cand.run_id,
-        "dataset": cand.dataset,
-        "replicate": cand.replicate,
-        "homology_rank": cand.rank,
-        "valid_loss": cand.valid_loss,
-    }

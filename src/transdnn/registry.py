@@ -52,6 +52,19 @@ class Candidate:
         return f"homology rank {self.rank:.4f}, valid loss {self.valid_loss:.5f}"
 
 
+def describe(version: str, cand: Candidate | None, dataset: str | None = None) -> dict[str, Any]:
+    """A registered version as `promotion.json` and `registry show --json` both print it, under the names
+    its run's metrics carry in MLflow (None where the version's run is gone)."""
+    return {
+        "version": int(version),
+        "run_id": cand.run_id if cand else None,
+        "dataset": cand.dataset if cand else dataset,
+        "replicate": cand.replicate if cand else None,
+        "chosen_homology_rank": cand.rank if cand else None,
+        "best_valid_loss": cand.valid_loss if cand else None,
+    }
+
+
 @dataclass(frozen=True)
 class Promotion:
     """Where `champion` points after a promotion, and the training's best it was offered."""
@@ -267,12 +280,8 @@ def show(partitions: list[str]) -> list[dict[str, Any]]:
                 {
                     "partition": partition,
                     "alias": alias,
-                    "version": int(mv.version),
+                    **describe(mv.version, cand, mv.tags.get("dataset")),
                     "run_id": mv.run_id,
-                    "dataset": cand.dataset if cand else mv.tags.get("dataset"),
-                    "replicate": cand.replicate if cand else None,
-                    "chosen_homology_rank": cand.rank if cand else None,
-                    "best_valid_loss": cand.valid_loss if cand else None,
                     "promotion_reason": mv.tags.get("promotion_reason"),
                     "uri": f"models:/{name}@{alias}",
                 }

@@ -327,3 +327,32 @@ def test_a_tilde_in_an_option_is_the_home_folder_as_the_shell_would_make_it(para
     assert result.exit_code == 0, result.stderr
     assert (home / "elsewhere" / "train" / "Integrated_dataset_0" / "train.json").is_file()
     assert not (cwd / "~").exists(), "no folder named '~' may appear"
+
+
+def test_running_out_of_memory_is_one_line_naming_the_data_set(params: Path, tiny: TinyData, tmp_path: Path):
+    """A model the machine cannot hold (here: two 40,000-unit layers under a 6 GiB address-space limit, a
+    real allocation failure) fails in one line with exit 2, not a traceback, and writes no checkpoint."""
+    import resource
+
+    settings = yaml.safe_load(params.read_text())
+    settings["cortex"]["model"]["hidden_units"] = [32, 40000, 40000]
+    params.write_text(yaml.safe_dump(settings))
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+
+    cmd = [
+        sys.executable,
+        "-c",
+        "from transdnn.cli import main; main()",
+        "train",
+        "cortex",
+        "--params",
+        str(params),
+        "--no-track",
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {tiny.train}: out of memory on cpu (an allocation of 11.92 GiB failed); expected"), line
+    assert not list((tmp_path / "runs").rglob("*.pt")) and not list((tmp_path / "runs").rglob("*.tmp"))

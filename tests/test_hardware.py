@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from transdnn.errors import ConfigError
-from transdnn.hardware import _glibc, resolve_device
+from transdnn.errors import ConfigError, ResourceError
+from transdnn.hardware import _glibc, resolve_device, within_memory
 
 # Minor page faults of three steps that each allocate two 48 MB tensors: outside the block and inside
 # it after four warm-up steps, and right after it. In a fresh process, so the heap starts the same.
@@ -63,3 +63,18 @@ def test_freed_blocks_are_reused_inside_the_block_only():
     assert outside > 1000, "large tensors are mapped afresh by default"
     assert inside < outside / 4, (inside, outside)
     assert after > outside / 4, ("the kept memory went back to the kernel", after, outside)
+
+
+def test_a_gpu_out_of_memory_is_one_line_and_other_errors_pass_through():
+    """The CUDA branch, which this CPU machine cannot reach for real (the CPU one is in test_cli.py):
+    torch's own exception type with its own message."""
+    cuda_message = (
+        "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.1 GiB is "
+        "free.\nIf reserved but unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"
+    )
+    with pytest.raises(ResourceError) as caught, within_memory("set.h5ad", torch.device("cuda:0")):
+        raise torch.OutOfMemoryError(cuda_message)
+    assert str(caught.value).startswith("set.h5ad: out of memory on cuda:0 (an allocation of 2.00 GiB failed); expected")
+    assert "\n" not in str(caught.value)
+    with pytest.raises(RuntimeError, match="shape mismatch"), within_memory("set.h5ad", torch.device("cpu")):
+        raise RuntimeError("shape mismatch")

@@ -19,3 +19,7 @@ class OutputError(TransdnnError):
 
 class TrackingError(TransdnnError):
     """The MLflow store or registry cannot give what was asked for."""
+
+
+class ResourceError(TransdnnError):
+    """The device ran out of memory for the data set and model asked of it."""

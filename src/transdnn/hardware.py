@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 
-from transdnn.errors import ConfigError
+from transdnn.errors import ConfigError, ResourceError
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
@@ -65,3 +66,27 @@ def _glibc() -> ctypes.CDLL | None:
     path = ctypes.util.find_library("c")
     libc = ctypes.CDLL(path) if path else None
     return libc if libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
+@contextmanager
+def within_memory(what: object, device: torch.device) -> Iterator[None]:
+    """Running out of host or GPU memory becomes one line naming the data set and the device, with what a
+    user can change, instead of a traceback (torch's CPU allocator raises a bare RuntimeError)."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as exc:
+        message = str(exc)
+        if not isinstance(exc, MemoryError | torch.OutOfMemoryError) and "can't allocate memory" not in message:
+            raise
+        raise ResourceError(
+            f"{what}: out of memory on {device}{_failed_allocation(message)}; expected a data set and model that "
+            "fit it (fewer train.replicates, smaller model.hidden_units or train.batch_size, another --device)"
+        ) from None
+
+
+def _failed_allocation(message: str) -> str:
+    """The size torch (CPU: bytes; CUDA: GiB) or numpy says it could not allocate, if it says one."""
+    found = re.search(r"allocate (\d+) bytes|allocate ([\d.]+ [KMGT]iB)", message)
+    if found is None:
+        return ""
+    return f" (an allocation of {int(found[1]) / 2**30:.2f} GiB failed)" if found[1] else f" (an allocation of {found[2]} failed)"

@@ -35,6 +35,7 @@ from transdnn.data import (
 from transdnn.embed import correlation_frame, embed_inputs, embed_metrics, pool_data_sets, write_embeddings
 from transdnn.errors import InputError
 from transdnn.evaluate import check_test_regions, independent_test
+from transdnn.hardware import within_memory
 from transdnn.lineage import RANKED_ON, RunSpec
 from transdnn.model import seeds_for
 from transdnn.settings import PartitionSettings
@@ -211,7 +212,8 @@ def train_partition(
     for path, layout in layouts.items():
         done = trained[path]
         if done is None:  # one set at a time: its matrix and model are freed before the next set loads
-            done = _train_data_set(partition, part, path, layout, inputs, device, tracker, progress, stage, resume, check)
+            with within_memory(path, device):
+                done = _train_data_set(partition, part, path, layout, inputs, device, tracker, progress, stage, resume, check)
         outcomes.append(done)
     histories = [pd.read_csv(layout.history(r)) for layout in layouts.values() for r in range(part.train.replicates)]
     write_csv(RunLayout(part.out, "").curves, mean_curves(histories), index=False)

@@ -356,3 +356,36 @@ def test_running_out_of_memory_is_one_line_naming_the_data_set(params: Path, tin
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith(f"error: {tiny.train}: out of memory on cpu (an allocation of 11.92 GiB failed); expected"), line
     assert not list((tmp_path / "runs").rglob("*.pt")) and not list((tmp_path / "runs").rglob("*.tmp"))
+
+
+def test_one_job_at_a_time_writes_a_partitions_outputs(params: Path, tmp_path: Path):
+    """A second train or embed into an output folder a job holds (a manual one beside `dvc repro`) is one
+    line and changes nothing; a holder killed with SIGKILL holds nothing (the kernel's lock)."""
+    out = tmp_path / "runs" / "cortex"
+    train = ["train", "cortex", "--params", str(params), "--no-track", "--max-epochs", "1"]
+    assert runner.invoke(app, train).exit_code == 0
+
+    def files() -> dict[str, int]:
+        return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in out.rglob("*") if p.name != ".transdnn.lock"}
+
+    before = files()
+    holder = (
+        "import time\nfrom pathlib import Path\nfrom transdnn.atomic import output_folder\n"
+        f"with output_folder(Path({str(out)!r}), 'train cortex'):\n    print('held', flush=True)\n    time.sleep(120)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+        for command in (train, ["embed", "cortex", "--params", str(params), "--no-track"]):
+            result = runner.invoke(app, command)
+            assert result.exit_code == 2, result.output
+            assert result.stderr.strip() == (
+                f"error: {out}: in use by `transdnn train cortex` (pid {proc.pid}); expected one transdnn job per output "
+                "folder at a time (wait for it to end, or give this one another `out` or --out)"
+            )
+        assert files() == before, "the refused jobs changed nothing"
+    finally:
+        proc.kill()
+        proc.wait()
+    result = runner.invoke(app, ["embed", "cortex", "--params", str(params), "--no-track"])
+    assert result.exit_code == 0, result.stderr

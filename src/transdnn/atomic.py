@@ -5,6 +5,7 @@ A kill at any moment leaves either the old file or the new one, never a half-wri
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
@@ -71,6 +72,34 @@ def check_output_folder(folder: Path) -> None:
     raise OutputError(
         f"{folder}: cannot hold outputs ({why}); expected a folder this user may write to: `out` in params.yaml or --out"
     )
+
+
+@contextmanager
+def output_folder(folder: Path, job: str) -> Iterator[None]:
+    """Hold a partition's output folder for one job: a second `transdnn train` or `embed` there (a
+    manual one beside `dvc repro`) would clear or replace the first one's checkpoints under it. The lock
+    (`<folder>/.transdnn.lock`) is the kernel's, so a killed job leaves nothing held."""
+    lock = Path(folder) / ".transdnn.lock"
+    with _writing(lock):
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(lock, "a+")  # noqa: SIM115 (held open for the whole job)
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise OutputError(
+                f"{folder}: in use by {holder}; expected one transdnn job per output folder at a time "
+                "(wait for it to end, or give this one another `out` or --out)"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"`transdnn {job}` (pid {os.getpid()})\n")
+        fh.flush()
+        yield
+    finally:
+        fh.close()
 
 
 def write_with(path: str | Path, writer: Callable[[Path], Any], durable: bool = True) -> Path:

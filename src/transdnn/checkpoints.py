@@ -200,8 +200,9 @@ def stored_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any], 
         raise InputError(f"{path}: checkpoint lacks {exc} (expected a transdnn checkpoint)") from None
 
 
-def load_model(layout: RunLayout, kind: str) -> StoredModel:
-    """Load checkpoint `kind` of a training run written under `layout`."""
+def require_checkpoint(layout: RunLayout, kind: str) -> Path:
+    """The path of checkpoint `kind` of a training written under `layout`, which must have been written
+    (checked for every data set before a job writes anything)."""
     path = layout.checkpoint(kind)
     if not path.is_file():
         raise InputError(
@@ -210,5 +211,11 @@ def load_model(layout: RunLayout, kind: str) -> StoredModel:
         )
     if not layout.model_meta.is_file():
         raise InputError(f"{layout.model_meta}: model description missing (expected a file written by `transdnn train`)")
+    return path
+
+
+def load_model(layout: RunLayout, kind: str) -> StoredModel:
+    """Load checkpoint `kind` of a training run written under `layout`."""
+    path = require_checkpoint(layout, kind)
     meta = json.loads(layout.model_meta.read_text())
     return stored_from_tensors(load_tensors(path), meta, path)

@@ -22,8 +22,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from transdnn.atomic import check_output_folder, write_csv, write_json
-from transdnn.checkpoints import RunLayout, StoredModel, load_model, save_model
+from transdnn.atomic import check_output_folder, output_folder, write_csv, write_json
+from transdnn.checkpoints import RunLayout, StoredModel, load_model, require_checkpoint, save_model
 from transdnn.data import (
     PartitionInputs,
     TrainingSet,
@@ -206,17 +206,18 @@ def train_partition(
     check_output_folder(part.out)
     if tracker is not None:
         tracker.connect()  # the inputs are sound: now the store must answer, before any output is touched
-    if stage:
-        _drop_unlisted(part.out, list(layouts.values()))
-    outcomes = []
-    for path, layout in layouts.items():
-        done = trained[path]
-        if done is None:  # one set at a time: its matrix and model are freed before the next set loads
-            with within_memory(path, device):
-                done = _train_data_set(partition, part, path, layout, inputs, device, tracker, progress, stage, resume, check)
-        outcomes.append(done)
-    histories = [pd.read_csv(layout.history(r)) for layout in layouts.values() for r in range(part.train.replicates)]
-    write_csv(RunLayout(part.out, "").curves, mean_curves(histories), index=False)
+    with output_folder(part.out, f"train {partition}"):
+        if stage:
+            _drop_unlisted(part.out, list(layouts.values()))
+        outcomes = []
+        for path, layout in layouts.items():
+            done = trained[path]
+            if done is None:  # one set at a time: its matrix and model are freed before the next set loads
+                with within_memory(path, device):
+                    done = _train_data_set(partition, part, path, layout, inputs, device, tracker, progress, stage, resume, check)
+            outcomes.append(done)
+        histories = [pd.read_csv(layout.history(r)) for layout in layouts.values() for r in range(part.train.replicates)]
+        write_csv(RunLayout(part.out, "").curves, mean_curves(histories), index=False)
     return outcomes
 
 
@@ -337,40 +338,43 @@ def embed_partition(
     all data sets, and metrics.json, which is returned: `all_data_sets` (the job's pooled answer) and
     `data_sets` (each set's)."""
     inputs = load_inputs(part.data)
+    layouts = [RunLayout.for_training_file(part.out, path) for path in part.data.train_paths]
+    for layout in layouts:  # a 100-set job missing one set's checkpoint fails before the first set, not after
+        require_checkpoint(layout, checkpoint)
     check_output_folder(part.out)
     if tracker is not None:
         tracker.connect()
-    layouts = [RunLayout.for_training_file(part.out, path) for path in part.data.train_paths]
-    # Every training's run is looked up before anything is written: a store that lacks one (swapped or
-    # lost since the training) stops the job with no embedding of any data set half-recorded.
-    runs = [_training_run(tracker, layout) for layout in layouts]
-    all_metrics, consensus = {}, []
-    for layout, run in zip(layouts, runs, strict=True):
-        started = time.perf_counter()
-        stored = load_model(layout, checkpoint)
-        emb = embed_inputs(stored, inputs, device)
-        summary = pd.read_csv(layout.summary) if layout.summary.is_file() else None
-        metrics = embed_metrics(emb, checkpoint, summary)
-        write_embeddings(emb, layout, metrics)
-        tracking = time.perf_counter()
-        if run is not None:
-            _track_embedding(run, layout, emb, inputs, metrics)
-        finished = time.perf_counter()
-        # what each further data set of a multi-set job costs this stage (the inputs are loaded once per
-        # job), measured in the process: differences between processes drown it in start-up noise on a GPU
-        write_json(layout.embed_info, {"data_set_seconds": finished - started, "track_seconds": finished - tracking})
-        all_metrics[layout.dataset] = metrics
-        consensus.append(emb.consensus)
-    pooled, pooled_metrics = pool_data_sets(consensus, list(all_metrics.values()), emb)
-    job = RunLayout(part.out, "")
-    pooled_frame = correlation_frame(pooled, emb)
-    write_csv(job.consensus, pooled_frame)
-    report = {"all_data_sets": pooled_metrics, "data_sets": all_metrics}
-    if tracker is not None:
-        trained = {layout.dataset: run.parent_id if run else None for layout, run in zip(layouts, runs, strict=True)}
-        _track_job(tracker, partition, checkpoint, pooled_metrics, trained, job.consensus, pooled_frame, inputs)
-    write_json(job.partition_metrics, report)
-    return report
+    with output_folder(part.out, f"embed {partition}"):
+        # Every training's run is looked up before anything is written: a store that lacks one (swapped or
+        # lost since the training) stops the job with no embedding of any data set half-recorded.
+        runs = [_training_run(tracker, layout) for layout in layouts]
+        all_metrics, consensus = {}, []
+        for layout, run in zip(layouts, runs, strict=True):
+            started = time.perf_counter()
+            stored = load_model(layout, checkpoint)
+            emb = embed_inputs(stored, inputs, device)
+            summary = pd.read_csv(layout.summary) if layout.summary.is_file() else None
+            metrics = embed_metrics(emb, checkpoint, summary)
+            write_embeddings(emb, layout, metrics)
+            tracking = time.perf_counter()
+            if run is not None:
+                _track_embedding(run, layout, emb, inputs, metrics)
+            finished = time.perf_counter()
+            # what each further data set of a multi-set job costs this stage (the inputs are loaded once per
+            # job), measured in the process: differences between processes drown it in start-up noise on a GPU
+            write_json(layout.embed_info, {"data_set_seconds": finished - started, "track_seconds": finished - tracking})
+            all_metrics[layout.dataset] = metrics
+            consensus.append(emb.consensus)
+        pooled, pooled_metrics = pool_data_sets(consensus, list(all_metrics.values()), emb)
+        job = RunLayout(part.out, "")
+        pooled_frame = correlation_frame(pooled, emb)
+        write_csv(job.consensus, pooled_frame)
+        report = {"all_data_sets": pooled_metrics, "data_sets": all_metrics}
+        if tracker is not None:
+            trained = {layout.dataset: run.parent_id if run else None for layout, run in zip(layouts, runs, strict=True)}
+            _track_job(tracker, partition, checkpoint, pooled_metrics, trained, job.consensus, pooled_frame, inputs)
+        write_json(job.partition_metrics, report)
+        return report
 
 
 def _track_job(

@@ -5,6 +5,7 @@ A kill at any moment leaves either the old file or the new one, never a half-wri
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -78,10 +79,15 @@ def check_output_folder(folder: Path) -> None:
 def output_folder(folder: Path, job: str) -> Iterator[None]:
     """Hold a partition's output folder for one job: a second `transdnn train` or `embed` there (a
     manual one beside `dvc repro`) would clear or replace the first one's checkpoints under it. The lock
-    (`<folder>/.transdnn.lock`) is the kernel's, so a killed job leaves nothing held."""
-    lock = Path(folder) / ".transdnn.lock"
+    (`<folder>/.transdnn.lock`) is the kernel's, so a killed job leaves nothing held. A job that fails
+    before its first output removes the folders it made for the lock: a refused input leaves no trace."""
+    folder = Path(folder)
+    lock = folder / ".transdnn.lock"
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
     with _writing(lock):
-        lock.parent.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
         fh = open(lock, "a+")  # noqa: SIM115 (held open for the whole job)
     try:
         try:
@@ -97,9 +103,24 @@ def output_folder(folder: Path, job: str) -> Iterator[None]:
         fh.truncate()
         fh.write(f"`transdnn {job}` (pid {os.getpid()})\n")
         fh.flush()
-        yield
+        try:
+            yield
+        except BaseException:
+            if existing != folder and [p.name for p in folder.iterdir()] == [lock.name]:
+                _remove_made(lock, existing)
+            raise
     finally:
         fh.close()
+
+
+def _remove_made(lock: Path, existing: Path) -> None:
+    """Remove the lock and the empty folders made for it, up to the folder that existed before."""
+    lock.unlink()
+    folder = lock.parent
+    with contextlib.suppress(OSError):  # a folder another job has written into meanwhile stays
+        while folder != existing:
+            folder.rmdir()
+            folder = folder.parent
 
 
 def write_with(path: str | Path, writer: Callable[[Path], Any], durable: bool = True) -> Path:

@@ -88,7 +88,11 @@ def test_region_means_average_interleaved_rows_per_code():
 
 
 def _snapshot(root: Path) -> dict[str, float]:
-    return {str(p): p.stat().st_mtime for p in root.rglob("*")} if root.exists() else {}
+    """Every output file and its mtime, and every folder. The job lock (`.transdnn.lock`), which names each
+    job that holds it, is no output, so the mtime of the folder it is in is not compared."""
+    if not root.exists():
+        return {}
+    return {str(p): p.stat().st_mtime if p.is_file() else 0.0 for p in root.rglob("*") if p.name != ".transdnn.lock"}
 
 
 def _rewrite(path: Path, mutate: Callable[[pd.DataFrame, np.ndarray], tuple[pd.DataFrame, np.ndarray, list[str]]]) -> None:

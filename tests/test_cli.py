@@ -389,3 +389,17 @@ def test_one_job_at_a_time_writes_a_partitions_outputs(params: Path, tmp_path: P
         proc.wait()
     result = runner.invoke(app, ["embed", "cortex", "--params", str(params), "--no-track"])
     assert result.exit_code == 0, result.stderr
+
+
+def test_embed_finds_a_missing_checkpoint_before_it_writes_the_first_set(params: Path, tiny: TinyData, tmp_path: Path):
+    """A data set listed since the training (not trained yet) stops `embed` before any set's embeddings are
+    written, not after the sets before it: no half-embedded job."""
+    assert runner.invoke(app, ["train", "cortex", "--params", str(params), "--no-track", "--max-epochs", "1"]).exit_code == 0
+    shutil.copy(tiny.train, tiny.train.with_name("Integrated_dataset_1.h5ad"))
+    raw = yaml.safe_load(params.read_text())
+    raw["cortex"]["data"]["train"] = ["Integrated_dataset_0.h5ad", "Integrated_dataset_1.h5ad"]
+    params.write_text(yaml.safe_dump(raw))
+    result = runner.invoke(app, ["embed", "cortex", "--params", str(params), "--no-track"])
+    assert result.exit_code == 2
+    assert "Integrated_dataset_1/checkpoints/best_valid.pt: checkpoint 'best_valid' was never written" in result.stderr
+    assert not (tmp_path / "runs" / "cortex" / "embed").exists()

@@ -338,10 +338,10 @@ def embed_partition(
     all data sets, and metrics.json, which is returned: `all_data_sets` (the job's pooled answer) and
     `data_sets` (each set's)."""
     inputs = load_inputs(part.data)
+    check_output_folder(part.out)
     layouts = [RunLayout.for_training_file(part.out, path) for path in part.data.train_paths]
     for layout in layouts:  # a 100-set job missing one set's checkpoint fails before the first set, not after
         require_checkpoint(layout, checkpoint)
-    check_output_folder(part.out)
     if tracker is not None:
         tracker.connect()
     with output_folder(part.out, f"embed {partition}"):

@@ -267,6 +267,7 @@ def _gather_read(
         sel = keep[start:stop]
         if not sel.any():
             continue
+        block: np.ndarray | sp.spmatrix | sp.sparray
         if buffer is not None:
             block = buffer[: stop - start]
             X.read_direct(block, np.s_[start:stop], np.s_[0 : stop - start])
@@ -275,11 +276,11 @@ def _gather_read(
         if not sel.all():
             block = block[sel]
         target = out[filled : filled + block.shape[0]]
-        if sp.issparse(block):
+        if isinstance(block, np.ndarray):
+            _take(block, cols, target, path)
+        else:
             target[:] = block[:, cols].toarray()
             _check_finite(target, path)
-        else:
-            _take(block, cols, target, path)
         filled += block.shape[0]
 
 

@@ -11,17 +11,18 @@ import json
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import numpy as np
 import pandas as pd
 import torch
+from mlflow.models import set_model
+from mlflow.pyfunc.model import PythonModel, PythonModelContext
 
 from transdnn.checkpoints import load_tensors, stored_from_tensors
 from transdnn.errors import InputError
 
 
-class RegionEmbedder(mlflow.pyfunc.PythonModel):
-    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+class RegionEmbedder(PythonModel):
+    def load_context(self, context: PythonModelContext) -> None:
         weights = Path(context.artifacts["weights"])
         meta = json.loads(Path(context.artifacts["meta"]).read_text())
         self.model = stored_from_tensors(load_tensors(weights), meta, weights)
@@ -46,4 +47,4 @@ class RegionEmbedder(mlflow.pyfunc.PythonModel):
         return pd.DataFrame(emb, columns=[str(i) for i in range(1, emb.shape[1] + 1)], index=model_input.index)
 
 
-mlflow.models.set_model(RegionEmbedder())
+set_model(RegionEmbedder())

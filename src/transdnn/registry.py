@@ -10,6 +10,7 @@ new training's best takes the alias.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -194,7 +195,7 @@ def _version_for(client: MlflowClient, name: str, cand: Candidate, partition: st
             client.delete_model_version(name, dup.version)
     if any(keep.tags.get(k) != v for k, v in tags.items()):
         for k, v in tags.items():
-            retry(lambda k=k, v=v: client.set_model_version_tag(name, keep.version, k, v))
+            retry(functools.partial(client.set_model_version_tag, name, keep.version, k, v))
     return keep.version
 
 

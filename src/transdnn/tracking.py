@@ -345,7 +345,7 @@ class TrainingRun:
         for r, values in batch.items():
             for start in range(0, len(values), MAX_METRICS_PER_BATCH):
                 chunk = values[start : start + MAX_METRICS_PER_BATCH]
-                retry(lambda chunk=chunk, r=r: self.client.log_batch(self.children[r], metrics=chunk))
+                retry(functools.partial(self.client.log_batch, self.children[r], metrics=chunk))
 
     def log_summary(self, summary: pd.DataFrame, chosen_ranks: np.ndarray, history_files: list[Path]) -> None:
         """Final metrics and history artifacts of each replicate."""
@@ -361,9 +361,7 @@ class TrainingRun:
                 "early_stopped": float(row.early_stopped),
             }
             retry(
-                lambda child=child, values=values: self.client.log_batch(
-                    child, metrics=[Metric(k, float(v), now, 0) for k, v in values.items()]
-                )
+                functools.partial(self.client.log_batch, child, metrics=[Metric(k, float(v), now, 0) for k, v in values.items()])
             )
             self.client.log_artifact(child, str(hist), "history")
 
@@ -413,7 +411,7 @@ class TrainingRun:
         finally:
             self._writer.shutdown()
         for run in [*self.children, self.parent_id]:
-            retry(lambda run=run: self.client.set_terminated(run, status))
+            retry(functools.partial(self.client.set_terminated, run, status))
 
 
 class Tracker:
@@ -481,7 +479,7 @@ class Tracker:
     def _resume(self, run_id: str) -> TrainingRun:
         run = self.reopen(run_id)
         for rid in [run.parent_id, *run.children]:
-            retry(lambda rid=rid: self.client.update_run(rid, status="RUNNING"))
+            retry(functools.partial(self.client.update_run, rid, status="RUNNING"))
         return run
 
     def _create(self, spec: RunSpec) -> TrainingRun:
@@ -511,10 +509,10 @@ class Tracker:
                 "mlflow.parentRunId": pid,
                 "mlflow.runName": f"{partition}-{dataset}-r{r}",
             }
-            child = retry(lambda ctags=ctags: self.client.create_run(self.experiment_id, tags=ctags))
+            child = retry(functools.partial(self.client.create_run, self.experiment_id, tags=ctags))
             retry(
-                lambda cid=child.info.run_id, r=r, seed=seed: self.client.log_batch(
-                    cid, params=[Param("replicate", str(r)), Param("seed", str(seed))]
+                functools.partial(
+                    self.client.log_batch, child.info.run_id, params=[Param("replicate", str(r)), Param("seed", str(seed))]
                 )
             )
             children.append(child.info.run_id)
@@ -525,8 +523,8 @@ class Tracker:
         items = list({**flat, "transdnn_version": transdnn.__version__, "git_commit": git_commit(self.project)}.items())
         for start in range(0, len(items), 100):
             retry(
-                lambda chunk=items[start : start + 100]: self.client.log_batch(
-                    run_id, params=[Param(k, v[:6000]) for k, v in chunk]
+                functools.partial(
+                    self.client.log_batch, run_id, params=[Param(k, v[:6000]) for k, v in items[start : start + 100]]
                 )
             )
 
@@ -544,7 +542,7 @@ class Tracker:
             "checkpoint": checkpoint,
             "mlflow.runName": f"{partition}-all-data-sets",
         }
-        trainings = [retry(lambda rid=rid: self.client.get_run(rid)).data.params for rid in runs.values() if rid]
+        trainings = [retry(functools.partial(self.client.get_run, rid)).data.params for rid in runs.values() if rid]
         shared = {k: v for k, v in trainings[0].items() if all(t.get(k) == v for t in trainings)} if trainings else {}
         run_id = retry(lambda: self.client.create_run(self.experiment_id, tags=tags)).info.run_id
         try:
@@ -568,8 +566,8 @@ class Tracker:
             raise TrackingError(
                 f"run {run_id}: not found in {shown(mlflow.get_tracking_uri())} (expected a training run id)"
             ) from None
-        kids = self.client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'", max_results=1000)
-        kids = sorted(kids, key=lambda k: int(k.data.tags["replicate"]))
+        found = self.client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'", max_results=1000)
+        kids = sorted(found, key=lambda k: int(k.data.tags["replicate"]))
         return TrainingRun(self.client, run_id, [k.info.run_id for k in kids])
 
     def finished(self, run_id: str) -> bool:

@@ -17,7 +17,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from conftest import TinyData, cli_ok, train_embed_cortex
+from conftest import TinyData, cli_ok, train_cortex, train_embed_cortex
 from transdnn.checkpoints import RunLayout
 from transdnn.cli import app
 from transdnn.tracking import _requirements_taken_as_pinned, model_requirements, shown
@@ -71,6 +71,12 @@ def test_runs_children_metrics_and_inputs(params: Path, tracking_uri: str, tiny:
         "data_sets.json",
     }
     assert mlflow.artifacts.load_dict(f"runs:/{job.info.run_id}/data_sets.json") == {"Integrated_dataset_0": run_id}
+
+
+def test_the_precision_option_overrides_params_and_is_recorded(params: Path, tracking_uri: str):
+    """`--precision bf16` (params.yaml says fp32) reaches the loop: the run records it beside the other settings."""
+    run_id = train_cortex(params, "--precision", "bf16", "--max-epochs", "1", "--replicates", "1")
+    assert MlflowClient(tracking_uri).get_run(run_id).data.params["train.precision"] == "bf16"
 
 
 def test_a_training_shows_running_in_mlflow_until_it_ends(tracking_uri: str, tiny: TinyData, tmp_path: Path):

@@ -57,6 +57,11 @@ class Partition(str, Enum):
     subcortex = "subcortex"
 
 
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
 class CheckpointKind(str, Enum):
     best_valid = "best_valid"
     best_rank = "best_rank"
@@ -214,6 +219,9 @@ def train_cmd(
     max_epochs: Annotated[int | None, typer.Option(help="Upper bound on epochs.")] = None,
     seed: Annotated[int | None, typer.Option(help="Run seed.")] = None,
     device: DeviceOpt = None,
+    precision: Annotated[
+        Precision | None, typer.Option(help="fp32 (the published numerics) or bf16 autocast (~1.7x faster on CPUs with bf16).")
+    ] = None,
     out: OutOpt = None,
     shuffle_labels: Annotated[
         bool | None, typer.Option("--shuffle-labels/--no-shuffle-labels", help="Random-classifier control.")
@@ -245,6 +253,7 @@ def train_cmd(
         max_epochs=max_epochs,
         seed=seed,
         device=device,
+        precision=precision.value if precision else None,
         shuffle_labels=shuffle_labels,
     )
     dev = _run(resolve_device, part.train.device)

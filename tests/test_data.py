@@ -109,6 +109,10 @@ def _genes(d: TinyData) -> list[str]:
 
 CASES: dict[str, tuple[Callable[[TinyData], Path], str]] = {
     "missing file": (lambda d: (d.train.unlink(), d.train)[1], "file not found"),
+    "a folder in its place": (
+        lambda d: (d.train.unlink(), d.train.mkdir(), d.train)[2],
+        "a folder, not a file (expected an .h5ad file)",
+    ),
     "not hdf5": (lambda d: (d.train.write_text("region_index,a\n"), d.train)[1], "not an HDF5 file"),
     "truncated h5ad": (lambda d: (d.train.write_bytes(d.train.read_bytes()[:3000]), d.train)[1], "expected"),
     "no region_index": (
@@ -184,6 +188,10 @@ CASES: dict[str, tuple[Callable[[TinyData], Path], str]] = {
         "human_region 'hA' absent from the regions of",
     ),
     "gene list missing": (lambda d: (d.genes.unlink(), d.genes)[1], "file not found (expected a CSV file)"),
+    "gene list a folder": (
+        lambda d: (d.genes.unlink(), d.genes.mkdir(), d.genes)[2],
+        "a folder, not a file (expected a CSV file)",
+    ),
     "gene list empty file": (lambda d: (d.genes.write_text(""), d.genes)[1], "not a readable CSV"),
     "gene list without its column": (lambda d: (d.genes.write_text("symbol\ngene0\n"), d.genes)[1], "column 'genes' missing"),
     "homology without its columns": (

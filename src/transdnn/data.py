@@ -116,9 +116,15 @@ def read_homology(path: Path) -> Homology:
     return Homology(path, frame["human_region"].astype(str).tolist(), frame["mouse_region"].astype(str).tolist())
 
 
-def _read_csv(path: Path) -> pd.DataFrame:
+def _require_file(path: Path, expected: str) -> None:
+    if path.is_dir():
+        raise InputError(f"{path}: a folder, not a file (expected {expected})")
     if not path.is_file():
-        raise InputError(f"{path}: file not found (expected a CSV file)")
+        raise InputError(f"{path}: file not found (expected {expected})")
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    _require_file(path, "a CSV file")
     try:
         return pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
@@ -128,8 +134,7 @@ def _read_csv(path: Path) -> pd.DataFrame:
 @contextmanager
 def _backed(path: Path) -> Iterator[ad.AnnData]:
     """An h5ad open in backed mode: obs and var are read, X stays on disk until `_select_genes`."""
-    if not path.is_file():
-        raise InputError(f"{path}: file not found (expected an .h5ad file)")
+    _require_file(path, "an .h5ad file")
     if not h5py.is_hdf5(path):
         raise InputError(f"{path}: not an HDF5 file (expected an .h5ad file written by anndata)")
     try:

@@ -1,4 +1,4 @@
-"""What a run asks of the machine: the torch device, and how the CPU allocator treats large tensors."""
+"""What a run asks of the machine: the torch device, how the CPU allocator treats large tensors, and running out of memory."""
 
 from __future__ import annotations
 

@@ -106,3 +106,14 @@ def test_a_path_from_the_home_folder_is_refused_as_dvc_would_not_find_it(section
         f"error: {params}: field '{field}': {value!r} starts with '~', which DVC does not expand "
         "(expected an absolute path, or one relative to params.yaml)"
     )
+
+
+@pytest.mark.parametrize("where", ["a folder", "nothing"])
+def test_a_params_path_that_is_no_file_is_one_line(where: str, tmp_path: Path):
+    path = tmp_path / "params.yaml"
+    if where == "a folder":
+        path.mkdir()
+    result = runner.invoke(app, ["validate", "cortex", "--params", str(path)])
+    assert result.exit_code == 2
+    expected = "a folder, not a settings file" if where == "a folder" else "settings file not found"
+    assert result.stderr == f"error: {path}: {expected} (expected a params.yaml)\n"

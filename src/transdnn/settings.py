@@ -212,6 +212,8 @@ def _first_error(path: Path, err: ValidationError) -> ConfigError:
 def load_settings(path: str | Path = "params.yaml") -> Settings:
     """Read and validate params.yaml; relative paths are taken from the file's folder."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: a folder, not a settings file (expected a params.yaml)")
     if not path.is_file():
         raise ConfigError(f"{path}: settings file not found (expected a params.yaml)")
     try:

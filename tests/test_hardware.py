@@ -72,9 +72,13 @@ def test_a_gpu_out_of_memory_is_one_line_and_other_errors_pass_through():
         "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.1 GiB is "
         "free.\nIf reserved but unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True"
     )
-    with pytest.raises(ResourceError) as caught, within_memory("set.h5ad", torch.device("cuda:0")):
+    gpu = torch.device("cuda:0")
+    with pytest.raises(ResourceError) as caught, within_memory("set.h5ad", gpu):
         raise torch.OutOfMemoryError(cuda_message)
     assert str(caught.value).startswith("set.h5ad: out of memory on cuda:0 (an allocation of 2.00 GiB failed); expected")
     assert "\n" not in str(caught.value)
+    cublas = "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"
+    with pytest.raises(ResourceError, match=r"^set.h5ad: out of memory on cuda:0; expected"), within_memory("set.h5ad", gpu):
+        raise RuntimeError(cublas)
     with pytest.raises(RuntimeError, match="shape mismatch"), within_memory("set.h5ad", torch.device("cpu")):
         raise RuntimeError("shape mismatch")

@@ -16,6 +16,8 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _KEEP_BYTES = 2**31 - 1
 _GLIBC_DEFAULTS = ((_M_MMAP_MAX, 65536), (_M_TRIM_THRESHOLD, 128 * 1024))
+# what torch's bare RuntimeErrors say when memory ran out: the CPU allocator, a CUDA call, cuBLAS's set-up
+_OUT_OF_MEMORY = ("can't allocate memory", "CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -76,7 +78,7 @@ def within_memory(what: object, device: torch.device) -> Iterator[None]:
         yield
     except (MemoryError, RuntimeError) as exc:
         message = str(exc)
-        if not isinstance(exc, MemoryError | torch.OutOfMemoryError) and "can't allocate memory" not in message:
+        if not isinstance(exc, MemoryError | torch.OutOfMemoryError) and not any(m in message for m in _OUT_OF_MEMORY):
             raise
         raise ResourceError(
             f"{what}: out of memory on {device}{_failed_allocation(message)}; expected a data set and model that "

@@ -23,6 +23,7 @@ import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypedDict
 
 import numpy as np
 import pandas as pd
@@ -339,7 +340,8 @@ def embed_second_set(params: dict, partition: str, trained: Path, work: Path, en
 
 
 def bench_ideal(case: Case, genes: int, epochs: int, steps: int, precision: str) -> Measure:
-    args = {"rows": case.rows, "genes": genes, "classes": regions_of(case.partition), "replicates": case.replicates}
+    args: dict[str, int | str] = {"rows": case.rows, "genes": genes, "classes": regions_of(case.partition)}
+    args |= {"replicates": case.replicates}
     args |= {"epochs": epochs, "batch": 256, "steps": steps, "precision": precision}
     _, peak, stdout = run_measured(
         [sys.executable, str(HERE / "ideal_loop.py"), *(x for k, v in args.items() for x in (f"--{k}", str(v)))]
@@ -458,7 +460,7 @@ def main() -> None:
         work.mkdir(parents=True)
         p = paths(case)
         genes = len(pd.read_csv(p.genes))
-        result = {
+        result: dict[str, Any] = {
             "case": case.name,
             "replicates": case.replicates,
             "reference_replicates": case.reference_runs,
@@ -514,7 +516,7 @@ def workload_hours(results: list[dict], data_sets: int = 100) -> pd.DataFrame:
     """The published workload (2 partitions x 100 data sets x 10 replicates) as one job per stage: the
     reference runs once per data set (scaled up linearly where it ran fewer replicates); transdnn pays its
     start-up once per partition and stage."""
-    rows = {"reference": {}} | {f"transdnn {p}": {} for p in results[0]["transdnn"]}
+    rows: dict[str, dict[str, float]] = {name: {} for name in ["reference", *(f"transdnn {p}" for p in results[0]["transdnn"])]}
     for r in results:
         partition = r["case"].split()[0]
         rows["reference"][partition] = data_sets * r["reference"]["wall"] * r["replicates"] / r["reference_replicates"]
@@ -526,7 +528,18 @@ def workload_hours(results: list[dict], data_sets: int = 100) -> pd.DataFrame:
     return table
 
 
-def ratios_of(r: dict, precision: str) -> dict[str, float | None]:
+class Ratios(TypedDict):
+    speed_up: float | None
+    per_replicate_epoch: float
+    per_further_set: float
+    over_ideal_train: float
+    over_ideal: float
+    over_ideal_further_set: float
+    per_epoch_work: float
+    bytes_share: float | None
+
+
+def ratios_of(r: dict, precision: str) -> Ratios:
     """transdnn's ratios in one case and precision; the speed-up and the bytes share are None where the
     reference trained fewer replicates (its wall time and outputs are not the full run's)."""
     ref, ours, ideal = r["reference"], r["transdnn"][precision], r["ideal"][precision]

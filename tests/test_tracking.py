@@ -14,6 +14,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
@@ -71,6 +72,26 @@ def test_runs_children_metrics_and_inputs(params: Path, tracking_uri: str, tiny:
         "data_sets.json",
     }
     assert mlflow.artifacts.load_dict(f"runs:/{job.info.run_id}/data_sets.json") == {"Integrated_dataset_0": run_id}
+
+
+def test_system_metrics_are_sampled_into_the_training_run(params: Path, tracking_uri: str):
+    """With `tracking.system_metrics_s`, the parent run holds the machine's curves (one point per sample);
+    with null, none, and no sampler thread outlives the job."""
+    import threading
+
+    settings = yaml.safe_load(params.read_text())
+    settings["tracking"]["system_metrics_s"] = 0.2
+    params.write_text(yaml.safe_dump(settings))
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(train_cortex(params, "--max-epochs", "20", "--replicates", "1"))
+    cpu = client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
+    assert len(cpu) >= 2 and [m.step for m in cpu] == list(range(len(cpu)))
+    assert run.data.metrics["system/system_memory_usage_megabytes"] > 0
+    assert not [t for t in threading.enumerate() if t.name == "SystemMetricsMonitor"]
+    settings["tracking"]["system_metrics_s"] = None
+    params.write_text(yaml.safe_dump(settings))
+    run = client.get_run(train_cortex(params, "--max-epochs", "1", "--replicates", "1"))
+    assert not [k for k in run.data.metrics if k.startswith("system/")]
 
 
 def test_the_precision_option_overrides_params_and_is_recorded(params: Path, tracking_uri: str):

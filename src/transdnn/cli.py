@@ -133,7 +133,7 @@ def _tracker(settings: Settings, params: Path, create: bool = True) -> Tracker:
     that does not exist yet is an error, not made)."""
     from transdnn.tracking import Tracker
 
-    return Tracker(settings.tracking.experiment, _configure(settings, params), create)
+    return Tracker(settings.tracking.experiment, _configure(settings, params), create, settings.tracking.system_metrics_s)
 
 
 class _Progress:

@@ -10,6 +10,7 @@ import fcntl
 import functools
 import hashlib
 import json
+import logging
 import os
 import ssl
 import subprocess
@@ -414,16 +415,36 @@ class TrainingRun:
             retry(functools.partial(self.client.set_terminated, run, status))
 
 
+@contextmanager
+def _system_metrics(run_id: str, every_s: float | None, resumed: bool) -> Iterator[None]:
+    """The machine's CPU, memory, disk and network use (and the GPU's, where NVML answers), sampled every
+    `every_s` seconds into the training's parent run as `system/…` curves: runs then compare by what they
+    cost the machine too. MLflow's sampler runs in its own thread; it stops before the run ends."""
+    if every_s is None:
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # not a line per start and stop
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=every_s, resume_logging=resumed)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
 class Tracker:
     """Opens and reopens runs in one experiment of the configured store.
 
     Made without touching the store: a job opens it (`connect`) once its inputs have passed their
     checks, so a command that fails on a missing file leaves no fresh mlflow.db behind."""
 
-    def __init__(self, experiment: str, project: Path, create: bool = True) -> None:
+    def __init__(self, experiment: str, project: Path, create: bool = True, system_metrics_s: float | None = None) -> None:
         self.experiment = experiment
         self.project = project
         self.create = create  # False: a local store that does not exist yet is an error, not made
+        self.system_metrics_s = system_metrics_s
         self._opened: tuple[MlflowClient, str] | None = None
 
     @property
@@ -467,7 +488,8 @@ class Tracker:
         `resume_run_id` reopens the runs of a killed training instead of creating new ones."""
         run = self._resume(resume_run_id) if resume_run_id else self._create(spec)
         try:
-            yield run
+            with _system_metrics(run.parent_id, self.system_metrics_s, resumed=resume_run_id is not None):
+                yield run
         except KeyboardInterrupt:
             run.end("KILLED")
             raise

@@ -149,7 +149,7 @@ class SynthSettings(_Strict):
 class TrackingSettings(_Strict):
     uri: str | None = None
     experiment: str
-    system_metrics_s: float | None = Field(default=10.0, gt=0)
+    system_metrics_s: float | None = Field(default=None, gt=0)  # absent from an older params.yaml: off
 
 
 class PromoteSettings(_Strict):

@@ -61,9 +61,7 @@ def _writing(path: Path) -> Iterator[None]:
 def check_output_folder(folder: Path) -> None:
     """Refuse an output folder that cannot be made, before a job opens runs or trains for hours: the
     nearest existing folder on its path must be a folder this user may write to. Nothing is created."""
-    existing = Path(os.path.abspath(folder))
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = _nearest_existing(folder)
     if not existing.is_dir():
         why = f"{existing} is not a folder"
     elif not os.access(existing, os.W_OK | os.X_OK):
@@ -81,13 +79,11 @@ def output_folder(folder: Path, job: str) -> Iterator[None]:
     manual one beside `dvc repro`) would clear or replace the first one's checkpoints under it. The lock
     (`<folder>/.transdnn.lock`) is the kernel's, so a killed job leaves nothing held. A job that fails
     before its first output removes the folders it made for the lock: a refused input leaves no trace."""
-    folder = Path(folder)
-    lock = folder / ".transdnn.lock"
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    where = Path(os.path.abspath(folder))
+    lock = where / ".transdnn.lock"
+    existing = _nearest_existing(where)
     with _writing(lock):
-        folder.mkdir(parents=True, exist_ok=True)
+        where.mkdir(parents=True, exist_ok=True)
         fh = open(lock, "a+")  # noqa: SIM115 (held open for the whole job)
     try:
         try:
@@ -106,11 +102,19 @@ def output_folder(folder: Path, job: str) -> Iterator[None]:
         try:
             yield
         except BaseException:
-            if existing != folder and [p.name for p in folder.iterdir()] == [lock.name]:
+            if existing != where and [p.name for p in where.iterdir()] == [lock.name]:
                 _remove_made(lock, existing)
             raise
     finally:
         fh.close()
+
+
+def _nearest_existing(folder: Path) -> Path:
+    """The folder, or the nearest of its parents that exists (absolute)."""
+    existing = Path(os.path.abspath(folder))
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return existing
 
 
 def _remove_made(lock: Path, existing: Path) -> None:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
+import pytest
 import torch
 import yaml
 from typer.testing import CliRunner
@@ -212,6 +216,35 @@ def test_independent_test_writes_predictions_and_confusion(params: Path, tmp_pat
     assert conf.sum(axis=1).round(6).eq(1).all()
     report = json.loads((folder / "test_metrics.json").read_text())
     assert report["accuracy_mean"] > 0.9
+
+
+def test_independent_test_holds_its_folder_until_the_report_is_written(
+    params: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The report is written after the training inside the test: the folder stays held until then, so a
+    second test there cannot clear the checkpoints the first one is reading."""
+    from transdnn import jobs
+
+    lock = tmp_path / "runs" / "subcortex" / "independent_test" / ".transdnn.lock"
+    holders = []
+
+    def tested_while_held(*args: Any, **kwargs: Any) -> Any:
+        with open(lock) as probe:
+            try:
+                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                holders.append(None)
+            except BlockingIOError:
+                holders.append(probe.read().strip())
+        return independent_test(*args, **kwargs)
+
+    independent_test = jobs.independent_test
+    monkeypatch.setattr(jobs, "independent_test", tested_while_held)
+    held_out = make_tiny(tmp_path / "heldout", seed=1, other=0, samples=1)
+    result = runner.invoke(
+        app, ["test", "subcortex", "--params", str(params), "--test", str(held_out.train), "--max-epochs", "2"]
+    )
+    assert result.exit_code == 0, result.stderr
+    assert holders == [f"`transdnn test subcortex` (pid {os.getpid()})"]
 
 
 def test_independent_test_refuses_a_wrong_test_set_before_training(params: Path, tiny: TinyData, tmp_path: Path):

@@ -3,6 +3,7 @@ and trainings of the tiny data; no mocks of MLflow."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -89,6 +90,15 @@ def test_promote_champion_loads_and_reproduces_run_embeddings(params: Path, trac
     assert json.loads((registry / "champion" / "metrics.json").read_text())["checkpoint"] == "models:/transdnn-cortex@champion"
     again = pd.read_csv(registry / f"version_{champion.version}" / "replicate_0" / "human_embedding.csv", index_col=0)
     assert np.allclose(again.to_numpy(), via_registry.to_numpy())
+    # the registry's embeddings are held like a partition's outputs: a second writer there is refused
+    with open(registry.parent / ".transdnn.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.truncate(0)
+        held.write("`transdnn embed cortex --model elsewhere` (pid 1)\n")
+        held.flush()
+        refused = runner.invoke(app, ["embed", "cortex", "--params", str(params), "--model", by_version])
+    assert refused.exit_code == 2
+    assert refused.stderr.startswith(f"error: {registry.parent}: in use by `transdnn embed cortex --model elsewhere` (pid 1);")
     # a cortex model does not embed the subcortex inputs, even where (as here) their genes would fit it
     wrong = runner.invoke(app, ["embed", "subcortex", "--params", str(params), "--model", "models:/transdnn-cortex@champion"])
     assert wrong.exit_code == 2 and wrong.stderr.strip() == (

@@ -73,13 +73,20 @@ def check_output_folder(folder: Path) -> None:
     )
 
 
+_HELD: set[Path] = set()  # the output folders this process holds: a job inside a job (test's training) holds on
+
+
 @contextmanager
 def output_folder(folder: Path, job: str) -> Iterator[None]:
     """Hold a partition's output folder for one job: a second `transdnn train` or `embed` there (a
     manual one beside `dvc repro`) would clear or replace the first one's checkpoints under it. The lock
     (`<folder>/.transdnn.lock`) is the kernel's, so a killed job leaves nothing held. A job that fails
-    before its first output removes the folders it made for the lock: a refused input leaves no trace."""
+    before its first output removes the folders it made for the lock: a refused input leaves no trace.
+    Held again by the process that holds it, it stays held until the outer job ends."""
     where = Path(os.path.abspath(folder))
+    if where in _HELD:
+        yield
+        return
     lock = where / ".transdnn.lock"
     existing = _nearest_existing(where)
     with _writing(lock):
@@ -99,12 +106,15 @@ def output_folder(folder: Path, job: str) -> Iterator[None]:
         fh.truncate()
         fh.write(f"`transdnn {job}` (pid {os.getpid()})\n")
         fh.flush()
+        _HELD.add(where)
         try:
             yield
         except BaseException:
             if existing != where and [p.name for p in where.iterdir()] == [lock.name]:
                 _remove_made(lock, existing)
             raise
+        finally:
+            _HELD.discard(where)
     finally:
         fh.close()
 

@@ -343,7 +343,7 @@ def test_cmd(
     _, part = _partition(params, partition, out=out, data=data)
     part = _run(override, part, "train", replicates=replicates, max_epochs=max_epochs, device=device)
     dev = _run(resolve_device, part.train.device)
-    report = _run(test_partition, part, test, dev)
+    report = _run(test_partition, partition.value, part, test, dev)
     for dataset, r in report.items():
         typer.echo(f"{partition.value}/{dataset}: independent test accuracy {r['accuracy_mean']:.4f}")
 

@@ -435,14 +435,21 @@ def embed_with_model(
     emb = embed_inputs(model, inputs, device)
     metrics = embed_metrics(emb, uri, None)
     layout = RunLayout.for_model_uri(part.out, uri)
-    write_embeddings(emb, layout, metrics)
+    check_output_folder(layout.out)
+    with output_folder(layout.out, f"embed {partition} --model {uri}"):
+        write_embeddings(emb, layout, metrics)
     return metrics, layout.embed_dir
 
 
 def test_partition(
-    part: PartitionSettings, test_file: Path, device: torch.device, progress: TrainingSink | None = None
+    partition: str,
+    part: PartitionSettings,
+    test_file: Path,
+    device: torch.device,
+    progress: TrainingSink | None = None,
 ) -> dict[str, Any]:
-    """Independent test: train on the partition's training set(s), report on a held-out labelled set."""
+    """Independent test: train on the partition's training set(s), report on a held-out labelled set. The
+    output folder is held from the training to the last report file: a second test there waits its turn."""
     part = part.model_copy(update={"out": Path(part.out) / "independent_test"})
     # The test set is read, and its regions held against each training set's, before that set trains:
     # a wrong test file costs seconds, not a training.
@@ -450,22 +457,24 @@ def test_partition(
     for path in part.data.train_paths:
         if filecmp.cmp(test_file, path, shallow=False):
             raise InputError(f"{test_file}: the same data as training set {path} (expected a held-out set)")
-    outcomes = train_partition(
-        "independent", part, device, progress=progress, check=lambda ts: check_test_regions(test_set, ts.regions)
-    )
-    report: dict[str, Any] = {}
-    for outcome in outcomes:
-        result = independent_test(load_model(outcome.layout, part.embed.checkpoint), test_set, device)
-        folder = outcome.layout.out / "report" / outcome.dataset
-        for r, (pred, conf) in enumerate(zip(result.predictions, result.confusion, strict=True)):
-            write_csv(folder / f"replicate_{r}" / "predictions.csv", pred, index=False)
-            write_csv(folder / f"replicate_{r}" / "confusion_matrix.csv", conf)
-        report[outcome.dataset] = {
-            "accuracy": {str(r): float(a) for r, a in enumerate(result.accuracy)},
-            "accuracy_mean": float(result.accuracy.mean()),
-        }
-        write_json(folder / "test_metrics.json", report[outcome.dataset])
-    return report
+    check_output_folder(part.out)
+    with output_folder(part.out, f"test {partition}"):
+        outcomes = train_partition(
+            "independent", part, device, progress=progress, check=lambda ts: check_test_regions(test_set, ts.regions)
+        )
+        report: dict[str, Any] = {}
+        for outcome in outcomes:
+            result = independent_test(load_model(outcome.layout, part.embed.checkpoint), test_set, device)
+            folder = outcome.layout.out / "report" / outcome.dataset
+            for r, (pred, conf) in enumerate(zip(result.predictions, result.confusion, strict=True)):
+                write_csv(folder / f"replicate_{r}" / "predictions.csv", pred, index=False)
+                write_csv(folder / f"replicate_{r}" / "confusion_matrix.csv", conf)
+            report[outcome.dataset] = {
+                "accuracy": {str(r): float(a) for r, a in enumerate(result.accuracy)},
+                "accuracy_mean": float(result.accuracy.mean()),
+            }
+            write_json(folder / "test_metrics.json", report[outcome.dataset])
+        return report
 
 
 def trained_run_ids(part: PartitionSettings) -> list[str]:

@@ -99,6 +99,11 @@ def test_promote_champion_loads_and_reproduces_run_embeddings(params: Path, trac
         refused = runner.invoke(app, ["embed", "cortex", "--params", str(params), "--model", by_version])
     assert refused.exit_code == 2
     assert refused.stderr.startswith(f"error: {registry.parent}: in use by `transdnn embed cortex --model elsewhere` (pid 1);")
+    # a promotion reads the partition's train.json files: not while a training there rewrites them
+    with open(tmp_path / "runs" / "cortex" / ".transdnn.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        refused = runner.invoke(app, ["promote", "cortex", "--params", str(params)])
+    assert refused.exit_code == 2 and " in use by " in refused.stderr, refused.output
     # a cortex model does not embed the subcortex inputs, even where (as here) their genes would fit it
     wrong = runner.invoke(app, ["embed", "subcortex", "--params", str(params), "--model", "models:/transdnn-cortex@champion"])
     assert wrong.exit_code == 2 and wrong.stderr.strip() == (
@@ -300,20 +305,28 @@ def test_promote_without_training_exits_2(params: Path, tracking_uri: str):
 
 @pytest.mark.slow
 def test_two_promotes_at_once_leave_one_champion(params: Path, tracking_uri: str):
+    """As `dvc queue start -j 2` runs them: each in its own workspace (one holds a copy of the other's
+    outputs), both on one store."""
     import os
+    import shutil
     import subprocess
 
     train_embed_cortex(params)
+    raw = yaml.safe_load(params.read_text())
+    out = params.parent / raw["cortex"]["out"]
+    raw["cortex"]["out"] = str(shutil.copytree(out, out.with_name("cortex_copy")))
+    copy = params.with_name("params_copy.yaml")
+    copy.write_text(yaml.safe_dump(raw))
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     procs = [
         subprocess.Popen(
-            ["transdnn", "promote", "cortex", "--params", str(params)],
+            ["transdnn", "promote", "cortex", "--params", str(workspace)],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for _ in range(2)
+        for workspace in (params, copy)
     ]
     for proc in procs:
         _, err = proc.communicate(timeout=300)

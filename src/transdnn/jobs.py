@@ -505,20 +505,23 @@ def promote_partition(
 ) -> Any:
     """Promote from `run_id`, else from this workspace's last training, else the latest in MLflow;
     record in `<out>/promotion.json` (the DVC promote stage's output) the champion the alias names
-    afterwards, and under `candidate` the training's best it was offered."""
+    afterwards, and under `candidate` the training's best it was offered. The output folder is held: a
+    training there meanwhile would leave half its data sets' train.json to promote from."""
     from transdnn.registry import champion_uri, describe, promote
 
-    run_ids = [run_id] if run_id else trained_run_ids(part)
-    result = promote(partition, experiment_id, criterion, run_ids or None, require_better)
-    write_json(
-        RunLayout(part.out, "").promotion,
-        {
-            "partition": partition,
-            "moved": result.moved,
-            "reason": result.reason,
-            "uri": champion_uri(partition),
-            **describe(result.version, result.champion),
-            "candidate": describe(result.candidate_version, result.candidate),
-        },
-    )
-    return result
+    check_output_folder(part.out)
+    with output_folder(part.out, f"promote {partition}"):
+        run_ids = [run_id] if run_id else trained_run_ids(part)
+        result = promote(partition, experiment_id, criterion, run_ids or None, require_better)
+        write_json(
+            RunLayout(part.out, "").promotion,
+            {
+                "partition": partition,
+                "moved": result.moved,
+                "reason": result.reason,
+                "uri": champion_uri(partition),
+                **describe(result.version, result.champion),
+                "candidate": describe(result.candidate_version, result.candidate),
+            },
+        )
+        return result

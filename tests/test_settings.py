@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -117,3 +119,42 @@ def test_a_params_path_that_is_no_file_is_one_line(where: str, tmp_path: Path):
     assert result.exit_code == 2
     expected = "a folder, not a settings file" if where == "a folder" else "settings file not found"
     assert result.stderr == f"error: {path}: {expected} (expected a params.yaml)\n"
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (
+            lambda raw: raw["cortex"]["train"].update(batchsize=raw["cortex"]["train"].pop("batch_size")),
+            "field 'cortex.train.batchsize': not a setting (expected one of replicates, max_epochs, batch_size, "
+            "learning_rate, weight_decay, lr_step, lr_gamma, patience, valid_ratio, shuffle_labels, seed, device, "
+            "precision, transform_scaling, state_every_s, extra_checkpoints, checkpoint_dtype; did you mean 'batch_size'?)",
+        ),
+        (
+            lambda raw: raw["subcortex"]["data"].update(homolgy="x.csv"),
+            "field 'subcortex.data.homolgy': not a setting (expected one of train_dir, train, human, mouse, genes, "
+            "homology, test; did you mean 'homology'?)",
+        ),
+        (
+            lambda raw: raw.update(trackin={}),
+            "field 'trackin': not a setting (expected one of tracking, synth, promote, "
+            "cortex, subcortex; did you mean 'tracking'?)",
+        ),
+        (
+            lambda raw: raw["promote"].pop("criterion"),
+            "field 'promote.criterion': missing (expected a value for it in params.yaml)",
+        ),
+    ],
+    ids=["misspelt setting", "misspelt path", "misspelt section", "missing setting"],
+)
+def test_a_misspelt_or_missing_setting_is_named_with_what_was_meant(
+    edit: Callable[[dict[str, Any]], object], expected: str, params: Path
+):
+    """A typo in params.yaml is the commonest mistake in it: the line names the unknown key and the one it
+    is closest to, instead of the right key's 'Field required' and the whole section it was missing from."""
+    raw = yaml.safe_load(params.read_text())
+    edit(raw)
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    result = runner.invoke(app, ["validate", "cortex", "--params", str(params)])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"error: {params}: {expected}"

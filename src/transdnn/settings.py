@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -204,9 +205,32 @@ def _resolve_paths(raw: dict[str, Any], root: Path, source: Path) -> dict[str, A
     return out
 
 
+def _keys_at(loc: tuple[int | str, ...]) -> list[str]:
+    """The settings a section of params.yaml takes (`loc` names the section); [] where it is no section."""
+    model: Any = Settings
+    for key in loc:
+        fields = model.model_fields if isinstance(model, type) and issubclass(model, BaseModel) else {}
+        if str(key) not in fields:
+            return []
+        model = fields[str(key)].annotation
+    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+
+
 def _first_error(path: Path, err: ValidationError) -> ConfigError:
-    first = err.errors()[0]
+    """One line for the error a person fixes first. A misspelt key is both unknown and, under its right
+    name, missing: the unknown one is named, with the key it is closest to."""
+    errors = err.errors()
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     field = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        section, key = first["loc"][:-1], str(first["loc"][-1])
+        keys = _keys_at(section)
+        missing = [str(e["loc"][-1]) for e in errors if e["type"] == "missing" and e["loc"][:-1] == section]
+        close = difflib.get_close_matches(key, missing or keys, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        return ConfigError(f"{path}: field '{field}': not a setting (expected one of {', '.join(keys)}{hint})")
+    if first["type"] == "missing":
+        return ConfigError(f"{path}: field '{field}': missing (expected a value for it in params.yaml)")
     return ConfigError(f"{path}: field '{field}': {first['msg']} (got {first.get('input')!r})")
 
 

@@ -449,7 +449,7 @@ def test_partition(
     progress: TrainingSink | None = None,
 ) -> dict[str, Any]:
     """Independent test: train on the partition's training set(s), report on a held-out labelled set. The
-    output folder is held from the training to the last report file: a second test there waits its turn."""
+    output folder is held from the training to the last report file: a second test there is refused."""
     part = part.model_copy(update={"out": Path(part.out) / "independent_test"})
     # The test set is read, and its regions held against each training set's, before that set trains:
     # a wrong test file costs seconds, not a training.

@@ -228,7 +228,8 @@ def _first_error(path: Path, err: ValidationError) -> ConfigError:
         missing = [str(e["loc"][-1]) for e in errors if e["type"] == "missing" and e["loc"][:-1] == section]
         close = difflib.get_close_matches(key, missing or keys, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        return ConfigError(f"{path}: field '{field}': not a setting (expected one of {', '.join(keys)}{hint})")
+        expected = f"one of {', '.join(keys)}" if keys else "no key here"
+        return ConfigError(f"{path}: field '{field}': not a setting (expected {expected}{hint})")
     if first["type"] == "missing":
         return ConfigError(f"{path}: field '{field}': missing (expected a value for it in params.yaml)")
     return ConfigError(f"{path}: field '{field}': {first['msg']} (got {first.get('input')!r})")

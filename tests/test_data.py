@@ -368,12 +368,43 @@ def test_resume_state_of_another_training_exits_2(tmp_path: Path, params: Path):
     assert "resume state is for (replicates, genes, hidden) = (3, 7, 5)" in err
 
 
-def test_output_sizes_are_checked_against_params(tmp_path: Path, params: Path):
+@pytest.mark.parametrize("command", [["validate"], ["train", "--no-track"]], ids=["validate", "train"])
+@pytest.mark.parametrize(("key", "value", "given"), [("input_units", 4542, 40), ("output_units", 105, 6)])
+def test_model_sizes_in_params_are_checked_against_the_data(
+    command: list[str], key: str, value: int, given: int, tmp_path: Path, params: Path
+):
+    """`validate` refuses what `train` would: a size typed into params.yaml that the data contradict."""
     raw = yaml.safe_load(params.read_text())
-    raw["cortex"]["model"]["input_units"] = 4542
+    raw["cortex"]["model"][key] = value
+    params.write_text(yaml.safe_dump(raw))
+    args = [command[0], "cortex", "--params", str(params), *command[1:]]
+    if command[0] == "train":
+        code, err = _run_bad(tmp_path, args)
+    else:  # validate has printed the shapes of the inputs it checked before
+        result = runner.invoke(app, args)
+        code, err = result.exit_code, result.stderr
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.strip().endswith(f"data give {key}={given} but params set model.{key}={value} (expected them to agree)")
+
+
+def test_a_later_data_set_of_other_regions_than_output_units_stops_the_job_before_the_first_trains(
+    tmp_path: Path, tiny: TinyData, params: Path
+):
+    """With model.output_units set, a set that lacks a region is refused with the job's other checks, not
+    once the sets before it have trained."""
+    import anndata as ad
+
+    adata = ad.read_h5ad(tiny.train)
+    fewer = tiny.train.with_name("Integrated_dataset_1.h5ad")
+    adata[~adata.obs["region_index"].str.startswith("hF_")].copy().write_h5ad(fewer)
+    raw = yaml.safe_load(params.read_text())
+    raw["cortex"]["model"]["output_units"] = 6
+    raw["cortex"]["data"]["train"] = [tiny.train.name, fewer.name]
     params.write_text(yaml.safe_dump(raw))
     code, err = _run_bad(tmp_path, ["train", "cortex", "--params", str(params), "--no-track"])
-    assert code == 2 and "input_units=40" in err and "model.input_units=4542" in err
+    assert code == 2 and err.strip() == (
+        f"error: {fewer}: data give output_units=5 but params set model.output_units=6 (expected them to agree)"
+    )
 
 
 def test_params_file_missing_exits_2(tmp_path: Path):

@@ -23,7 +23,7 @@ import scipy.sparse as sp
 from transdnn.errors import InputError
 
 if TYPE_CHECKING:
-    from transdnn.settings import DataPaths
+    from transdnn.settings import DataPaths, ModelSettings
 
 UNLABELLED = "other"
 SPLIT_MIN_SAMPLES = 2  # samples per region a set to be split needs, so each side sees every region
@@ -334,14 +334,27 @@ def load_training_set(path: Path, genes: GeneList, min_samples: int = SPLIT_MIN_
     )
 
 
-def check_training_file(path: Path, genes: GeneList, homology: Homology) -> None:
-    """Everything `load_training_set` and `check_training_regions` check that needs no X: a job over
-    many training sets checks them all before it trains the first, and a bad 57th set fails in
-    seconds, not hours. (Values, NaN or inf, are checked as each set is read.)"""
+def check_units(path: Path, n_genes: int, n_regions: int, model: ModelSettings) -> tuple[int, int]:
+    """The model's input and output sizes come from the data (genes, regions); where params.yaml sets
+    them they must agree."""
+    for key, expected, actual in (
+        ("input_units", model.input_units, n_genes),
+        ("output_units", model.output_units, n_regions),
+    ):
+        if expected is not None and expected != actual:
+            raise InputError(f"{path}: data give {key}={actual} but params set model.{key}={expected} (expected them to agree)")
+    return n_genes, n_regions
+
+
+def check_training_file(path: Path, genes: GeneList, homology: Homology, model: ModelSettings) -> None:
+    """Everything `load_training_set`, `check_training_regions` and `check_units` check that needs no
+    X: a job over many training sets checks them all before it trains the first, and a bad 57th set
+    fails in seconds, not hours. (Values, NaN or inf, are checked as each set is read.)"""
     with _backed(path) as adata:
         obs = _training_labels(adata, path, SPLIT_MIN_SAMPLES)
         _gene_positions(adata, genes, path)
     _check_regions(obs.regions, path, homology)
+    check_units(path, len(genes.genes), len(obs.regions), model)
 
 
 def _training_labels(adata: ad.AnnData, path: Path, min_samples: int) -> _Labels:

@@ -28,6 +28,7 @@ from transdnn.data import (
     PartitionInputs,
     TrainingSet,
     check_training_file,
+    check_units,
     load_inputs,
     load_training_set,
     read_gene_list,
@@ -39,7 +40,7 @@ from transdnn.hardware import within_memory
 from transdnn.lineage import RANKED_ON, RunSpec
 from transdnn.model import seeds_for
 from transdnn.settings import PartitionSettings
-from transdnn.training import EPOCH_METRICS, TrainingSink, TrainResult, check_shapes, load_state, train
+from transdnn.training import EPOCH_METRICS, TrainingSink, TrainResult, load_state, train
 
 EXAMPLE_ROWS = 3
 
@@ -202,7 +203,7 @@ def train_partition(
     trained = {path: _trained_before(partition, part, path, layouts[path], tracker) if resume else None for path in layouts}
     for path, done in trained.items():
         if done is None:  # every set to train, checked before the first trains: a bad one fails in seconds
-            check_training_file(path, inputs.genes, inputs.homology)
+            check_training_file(path, inputs.genes, inputs.homology, part.model)
     check_output_folder(part.out)
     if tracker is not None:
         tracker.connect()  # the inputs are sound: now the store must answer, before any output is touched
@@ -237,7 +238,7 @@ def _train_data_set(
     """Load, train, save and track one data set of a job (see `train_partition`)."""
     started = time.perf_counter()
     train_set = load_training_set(path, inputs.genes)
-    check_shapes(train_set, part)  # before anything is written
+    check_units(path, train_set.X.shape[1], len(train_set.regions), part.model)  # before anything is written
     if check is not None:
         check(train_set)
     made_from = _made_from(part, path)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from transdnn.atomic import AlternatingFile
-from transdnn.data import PartitionInputs, TrainingSet
+from transdnn.data import PartitionInputs, TrainingSet, check_units
 from transdnn.errors import InputError
 from transdnn.hardware import reuse_freed_memory
 from transdnn.homology import homology_rank, pair_indices, pearson
@@ -54,20 +54,6 @@ class NullSink:
 
     def flush(self) -> None:
         return None
-
-
-def check_shapes(train: TrainingSet, settings: PartitionSettings) -> tuple[int, int]:
-    """Input and output sizes come from the data; when params.yaml sets them they must agree."""
-    n_in, n_out = train.X.shape[1], len(train.regions)
-    for key, expected, actual in (
-        ("input_units", settings.model.input_units, n_in),
-        ("output_units", settings.model.output_units, n_out),
-    ):
-        if expected is not None and expected != actual:
-            raise InputError(
-                f"{train.path}: data give {key}={actual} but params set model.{key}={expected} (expected them to agree)"
-            )
-    return n_in, n_out
 
 
 @dataclass
@@ -119,7 +105,7 @@ class Trainer:
         self.cfg = settings.train
         self.kinds = settings.checkpoint_kinds
         self.device = device
-        n_in, n_out = check_shapes(train, settings)
+        n_in, n_out = check_units(train.path, train.X.shape[1], len(train.regions), settings.model)
         self.train_set = train
         R = self.cfg.replicates
         self.seeds = seeds_for(self.cfg.seed, R, train.path.stem)

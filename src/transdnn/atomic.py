@@ -61,7 +61,10 @@ def _writing(path: Path) -> Iterator[None]:
 def check_output_folder(folder: Path) -> None:
     """Refuse an output folder that cannot be made, before a job opens runs or trains for hours: the
     nearest existing folder on its path must be a folder this user may write to. Nothing is created."""
-    existing = _nearest_existing(folder)
+    _refuse_unusable(folder, _nearest_existing(folder))
+
+
+def _refuse_unusable(folder: Path, existing: Path) -> None:
     if not existing.is_dir():
         why = f"{existing} is not a folder"
     elif not os.access(existing, os.W_OK | os.X_OK):
@@ -82,13 +85,15 @@ def output_folder(folder: Path, job: str) -> Iterator[None]:
     manual one beside `dvc repro`) would clear or replace the first one's checkpoints under it. The lock
     (`<folder>/.transdnn.lock`) is the kernel's, so a killed job leaves nothing held. A job that fails
     before its first output removes the folders it made for the lock: a refused input leaves no trace.
-    Held again by the process that holds it, it stays held until the outer job ends."""
+    A folder that cannot be made is refused as `check_output_folder` refuses it. Held again by the
+    process that holds it, it stays held until the outer job ends."""
     where = Path(os.path.abspath(folder))
     if where in _HELD:
         yield
         return
     lock = where / ".transdnn.lock"
     existing = _nearest_existing(where)
+    _refuse_unusable(folder, existing)
     with _writing(lock):
         where.mkdir(parents=True, exist_ok=True)
         fh = open(lock, "a+")  # noqa: SIM115 (held open for the whole job)

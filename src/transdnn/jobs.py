@@ -204,7 +204,7 @@ def train_partition(
     for path, done in trained.items():
         if done is None:  # every set to train, checked before the first trains: a bad one fails in seconds
             check_training_file(path, inputs.genes, inputs.homology, part.model)
-    check_output_folder(part.out)
+    check_output_folder(part.out)  # before the store is opened, not only once the folder is locked
     if tracker is not None:
         tracker.connect()  # the inputs are sound: now the store must answer, before any output is touched
     with output_folder(part.out, f"train {partition}"):
@@ -339,7 +339,7 @@ def embed_partition(
     all data sets, and metrics.json, which is returned: `all_data_sets` (the job's pooled answer) and
     `data_sets` (each set's)."""
     inputs = load_inputs(part.data)
-    check_output_folder(part.out)
+    check_output_folder(part.out)  # before the store is opened, not only once the folder is locked
     layouts = [RunLayout.for_training_file(part.out, path) for path in part.data.train_paths]
     for layout in layouts:  # a 100-set job missing one set's checkpoint fails before the first set, not after
         require_checkpoint(layout, checkpoint)
@@ -436,7 +436,6 @@ def embed_with_model(
     emb = embed_inputs(model, inputs, device)
     metrics = embed_metrics(emb, uri, None)
     layout = RunLayout.for_model_uri(part.out, uri)
-    check_output_folder(layout.out)
     with output_folder(layout.out, f"embed {partition} --model {uri}"):
         write_embeddings(emb, layout, metrics)
     return metrics, layout.embed_dir
@@ -458,7 +457,6 @@ def test_partition(
     for path in part.data.train_paths:
         if filecmp.cmp(test_file, path, shallow=False):
             raise InputError(f"{test_file}: the same data as training set {path} (expected a held-out set)")
-    check_output_folder(part.out)
     with output_folder(part.out, f"test {partition}"):
         outcomes = train_partition(
             "independent", part, device, progress=progress, check=lambda ts: check_test_regions(test_set, ts.regions)
@@ -510,7 +508,6 @@ def promote_partition(
     training there meanwhile would leave half its data sets' train.json to promote from."""
     from transdnn.registry import champion_uri, describe, promote
 
-    check_output_folder(part.out)
     with output_folder(part.out, f"promote {partition}"):
         run_ids = [run_id] if run_id else trained_run_ids(part)
         result = promote(partition, experiment_id, criterion, run_ids or None, require_better)

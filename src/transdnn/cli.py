@@ -193,7 +193,7 @@ def validate(
     homology: HomologyOpt = None,
 ) -> None:
     """Check a partition's inputs against the data contract and params.yaml, and print their shapes."""
-    from transdnn.data import check_training_regions, check_units, load_inputs, load_training_set
+    from transdnn.data import check_training_regions, load_inputs, load_training_set
 
     _, part = _partition(params, partition, data=data, human=human, mouse=mouse, genes=genes, homology=homology)
     inputs = _run(load_inputs, part.data)
@@ -203,7 +203,7 @@ def validate(
     for path in _run(lambda: part.data.train_paths):
         ts = _run(load_training_set, path, inputs.genes)
         _run(check_training_regions, ts, inputs.homology)
-        _run(check_units, path, ts.X.shape[1], len(ts.regions), part.model)
+        _run(ts.units, part.model)
         typer.echo(f"{path.name}: rows {ts.X.shape[0]}  regions {len(ts.regions)}  samples {ts.n_samples}")
 
 

@@ -61,6 +61,10 @@ class TrainingSet:
     def n_samples(self) -> int:
         return len(self.sample_region)
 
+    def units(self, model: ModelSettings) -> tuple[int, int]:
+        """The model's input and output sizes for this set, held against params.yaml (`check_units`)."""
+        return check_units(self.path, self.X.shape[1], len(self.regions), model)
+
 
 @dataclass(frozen=True)
 class TransformSet:

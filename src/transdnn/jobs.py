@@ -28,7 +28,6 @@ from transdnn.data import (
     PartitionInputs,
     TrainingSet,
     check_training_file,
-    check_units,
     load_inputs,
     load_training_set,
     read_gene_list,
@@ -238,7 +237,7 @@ def _train_data_set(
     """Load, train, save and track one data set of a job (see `train_partition`)."""
     started = time.perf_counter()
     train_set = load_training_set(path, inputs.genes)
-    check_units(path, train_set.X.shape[1], len(train_set.regions), part.model)  # before anything is written
+    train_set.units(part.model)  # checked before anything is written
     if check is not None:
         check(train_set)
     made_from = _made_from(part, path)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from transdnn.atomic import AlternatingFile
-from transdnn.data import PartitionInputs, TrainingSet, check_units
+from transdnn.data import PartitionInputs, TrainingSet
 from transdnn.errors import InputError
 from transdnn.hardware import reuse_freed_memory
 from transdnn.homology import homology_rank, pair_indices, pearson
@@ -105,7 +105,7 @@ class Trainer:
         self.cfg = settings.train
         self.kinds = settings.checkpoint_kinds
         self.device = device
-        n_in, n_out = check_units(train.path, train.X.shape[1], len(train.regions), settings.model)
+        n_in, n_out = train.units(settings.model)
         self.train_set = train
         R = self.cfg.replicates
         self.seeds = seeds_for(self.cfg.seed, R, train.path.stem)

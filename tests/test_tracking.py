@@ -72,6 +72,12 @@ def test_runs_children_metrics_and_inputs(params: Path, tracking_uri: str, tiny:
         "data_sets.json",
     }
     assert mlflow.artifacts.load_dict(f"runs:/{job.info.run_id}/data_sets.json") == {"Integrated_dataset_0": run_id}
+    # one data set: its pooled consensus is its own, and so is the figure (drawn once, not twice)
+    figures = [
+        Path(mlflow.artifacts.download_artifacts(f"runs:/{rid}/{path}")).read_bytes()
+        for rid, path in ((run_id, "embedding/consensus_heatmap.png"), (job.info.run_id, "consensus_heatmap.png"))
+    ]
+    assert figures[0] == figures[1]
 
 
 def test_system_metrics_are_sampled_into_the_training_run(params: Path, tracking_uri: str):

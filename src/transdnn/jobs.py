@@ -344,11 +344,11 @@ def embed_partition(
         require_checkpoint(layout, checkpoint)
     if tracker is not None:
         tracker.connect()
-    with output_folder(part.out, f"embed {partition}"):
+    with output_folder(part.out, f"embed {partition}"), tempfile.TemporaryDirectory() as figures:
         # Every training's run is looked up before anything is written: a store that lacks one (swapped or
         # lost since the training) stops the job with no embedding of any data set half-recorded.
         runs = [_training_run(tracker, layout) for layout in layouts]
-        all_metrics, consensus = {}, []
+        all_metrics, consensus, heatmap = {}, [], None
         for layout, run in zip(layouts, runs, strict=True):
             started = time.perf_counter()
             stored = load_model(layout, checkpoint)
@@ -358,7 +358,7 @@ def embed_partition(
             write_embeddings(emb, layout, metrics)
             tracking = time.perf_counter()
             if run is not None:
-                _track_embedding(run, layout, emb, inputs, metrics)
+                heatmap = _track_embedding(run, layout, emb, inputs, metrics, Path(figures) / layout.dataset)
             finished = time.perf_counter()
             # what each further data set of a multi-set job costs this stage (the inputs are loaded once per
             # job), measured in the process: differences between processes drown it in start-up noise on a GPU
@@ -372,7 +372,9 @@ def embed_partition(
         report = {"all_data_sets": pooled_metrics, "data_sets": all_metrics}
         if tracker is not None:
             trained = {layout.dataset: run.parent_id if run else None for layout, run in zip(layouts, runs, strict=True)}
-            _track_job(tracker, partition, checkpoint, pooled_metrics, trained, job.consensus, pooled_frame, inputs)
+            # One data set's pooled consensus is its own: its figure serves the job (1.3 s of drawing on cortex).
+            drawn = heatmap if len(layouts) == 1 else None
+            _track_job(tracker, partition, checkpoint, pooled_metrics, trained, job.consensus, pooled_frame, inputs, drawn)
         write_json(job.partition_metrics, report)
         return report
 
@@ -386,11 +388,14 @@ def _track_job(
     consensus: Path,
     frame: pd.DataFrame,
     inputs: PartitionInputs,
+    heatmap: Path | None,
 ) -> None:
-    """`consensus`: the pooled consensus CSV as written; `frame`: its values, drawn without reading it back."""
+    """`consensus`: the pooled consensus CSV as written; `frame`: its values, drawn without reading it back
+    unless `heatmap` is their figure already."""
     with tempfile.TemporaryDirectory() as tmp:
-        png = _consensus_heatmap(frame, inputs, Path(tmp), f"consensus correlation, {len(trained)} data set(s)")
-        tracker.record_job(partition, checkpoint, metrics, trained, [consensus, png])
+        if heatmap is None:
+            heatmap = _consensus_heatmap(frame, inputs, Path(tmp), f"consensus correlation, {len(trained)} data sets")
+        tracker.record_job(partition, checkpoint, metrics, trained, [consensus, heatmap])
 
 
 def _consensus_heatmap(frame: pd.DataFrame, inputs: PartitionInputs, folder: Path, title: str) -> Path:
@@ -411,16 +416,19 @@ def _training_run(tracker: Any | None, layout: RunLayout) -> Any | None:
     return tracker.reopen(run_id) if tracker is not None and run_id else None
 
 
-def _track_embedding(run: Any, layout: RunLayout, emb: Any, inputs: PartitionInputs, metrics: dict[str, Any]) -> None:
+def _track_embedding(
+    run: Any, layout: RunLayout, emb: Any, inputs: PartitionInputs, metrics: dict[str, Any], folder: Path
+) -> Path:
+    """Log a data set's embeddings and figures to its training run; returns its heatmap, drawn in `folder`."""
     for r in range(len(emb.ranks)):
-        folder = layout.replicate_dir(r)
+        replicate = layout.replicate_dir(r)
         run.log_artifacts(
-            r, [folder / "human_embedding.csv", folder / "mouse_embedding.csv", folder / "correlation.csv"], "embedding"
+            r, [replicate / "human_embedding.csv", replicate / "mouse_embedding.csv", replicate / "correlation.csv"], "embedding"
         )
-    with tempfile.TemporaryDirectory() as tmp:
-        png = _consensus_heatmap(correlation_frame(emb.consensus, emb), inputs, Path(tmp), "consensus correlation")
-        run.log_artifacts(None, [layout.consensus, png, layout.metrics], "embedding")
+    png = _consensus_heatmap(correlation_frame(emb.consensus, emb), inputs, folder, f"consensus correlation, {layout.dataset}")
+    run.log_artifacts(None, [layout.consensus, png, layout.metrics], "embedding")
     run.log_parent_metrics({k: v for k, v in metrics.items() if isinstance(v, float)})
+    return png
 
 
 def embed_with_model(

@@ -142,8 +142,16 @@ def describe_machine() -> dict:
     cpu = next(
         (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in line), ""
     )
+    from transdnn.hardware import native_bf16, resolve_device
+
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu or platform.processor(), "cores": os.cpu_count(), "gpu": gpu, "torch": torch.__version__}
+    return {
+        "cpu": cpu or platform.processor(),
+        "cores": os.cpu_count(),
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "native_bf16": native_bf16(resolve_device("auto")),
+    }
 
 
 def dir_bytes(path: Path) -> int:
@@ -414,7 +422,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="2 replicates x 3 epochs (smoke run)")
     ap.add_argument("--skip-100k", action="store_true", help="skip the 100k-row memory check")
     ap.add_argument("--json", type=Path, help="also write the results here")
-    ap.add_argument("--precisions", default="fp32,bf16", help="transdnn/ideal precisions to run, comma-separated")
+    ap.add_argument(
+        "--precisions",
+        help="transdnn/ideal precisions to run, comma-separated (default: fp32, and bf16 where the machine has native "
+        "bf16; transdnn refuses bf16 elsewhere)",
+    )
     ap.add_argument("--only", help="comma-separated case keys: cortex-5k, subcortex-2k, cortex-50k, early-stopping")
     ap.add_argument(
         "--train-marginal",
@@ -431,7 +443,6 @@ def main() -> None:
     )
     a = ap.parse_args()
     R, E = (2, 3) if a.quick else (10, 50)
-    precisions = a.precisions.split(",")
     cases = [
         Case("cortex-5k", "cortex 5k rows", "cortex", 6, 8, R, E),
         # the reference divides by zero when validation holds < 256 rows, as on the default 1k-row subcortex set
@@ -447,8 +458,11 @@ def main() -> None:
     cases = [c for c in cases if c.key in only]
     for c in cases:
         c.reference_replicates = a.reference_replicates
-    wheel, deps = fetch_reference()
     machine = describe_machine()
+    precisions = a.precisions.split(",") if a.precisions else ["fp32", "bf16"] if machine["native_bf16"] else ["fp32"]
+    if "bf16" in precisions and not machine["native_bf16"]:
+        ap.error("--precisions: bf16 on a machine without native bf16, which transdnn refuses (expected fp32 here)")
+    wheel, deps = fetch_reference()
     marginal = a.train_marginal or machine["gpu"] is not None
     print("machine:", json.dumps(machine))
     results = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from transdnn.errors import ConfigError, ResourceError
-from transdnn.hardware import _glibc, resolve_device, within_memory
+from transdnn.hardware import _glibc, native_bf16, resolve_device, training_device, within_memory
 
 # Minor page faults of three steps that each allocate two 48 MB tensors: outside the block and inside
 # it after four warm-up steps, and right after it. In a fresh process, so the heap starts the same.
@@ -54,6 +55,35 @@ def test_a_cuda_index_beyond_the_machines_gpus_is_refused(monkeypatch: pytest.Mo
     assert resolve_device("cuda:0") == torch.device("cuda:0")
     with pytest.raises(ConfigError, match=r"'cuda:1' requested but this machine has 1 CUDA GPU\(s\) \(expected cuda:0 to cuda:0"):
         resolve_device("cuda:1")
+
+
+def test_bf16_is_refused_where_the_cpu_would_emulate_it():
+    """bf16 autocast is a speed-up only where the hardware has bf16: elsewhere it trains many times slower,
+    so the training refuses it in one line instead of running for hours. Which case runs is this machine's."""
+    cpu = torch.device("cpu")
+    assert training_device("cpu", "fp32") == cpu
+    if platform.machine() in ("x86_64", "AMD64"):  # oneDNN runs bf16 natively from AVX-512 on (AMX included)
+        assert native_bf16(cpu) == (torch.backends.cpu.get_cpu_capability() == "AVX512")
+    if native_bf16(cpu):
+        assert training_device("cpu", "bf16") == cpu
+    else:
+        with pytest.raises(ConfigError, match=r"option 'precision': 'bf16' requested but this CPU \(\w+\) has no native bf16"):
+            training_device("cpu", "bf16")
+
+
+def test_bf16_on_a_gpu_needs_compute_capability_8(monkeypatch: pytest.MonkeyPatch):
+    """The CUDA branch, which this CPU machine cannot reach for real: a V100 (7.0) emulates bf16, an A100 (8.0)
+    has it."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Tesla V100-SXM2-16GB")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (7, 0))
+    assert training_device("cuda", "fp32") == torch.device("cuda")
+    with pytest.raises(ConfigError, match=r"but cuda \(Tesla V100-SXM2-16GB, compute capability 7\.0\) has no native bf16"):
+        training_device("cuda", "bf16")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (8, 0))
+    assert training_device("cuda", "bf16") == torch.device("cuda")
 
 
 @pytest.mark.skipif(_glibc() is None, reason="needs glibc")

@@ -14,6 +14,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
@@ -21,6 +22,7 @@ from typer.testing import CliRunner
 from conftest import TinyData, cli_ok, train_cortex, train_embed_cortex
 from transdnn.checkpoints import RunLayout
 from transdnn.cli import app
+from transdnn.hardware import native_bf16
 from transdnn.tracking import _requirements_taken_as_pinned, model_requirements, shown
 from transdnn.training import EPOCH_METRICS
 
@@ -100,10 +102,24 @@ def test_system_metrics_are_sampled_into_the_training_run(params: Path, tracking
     assert not [k for k in run.data.metrics if k.startswith("system/")]
 
 
+@pytest.mark.skipif(not native_bf16(torch.device("cpu")), reason="needs a CPU with native bf16 (AVX-512, AMX)")
 def test_the_precision_option_overrides_params_and_is_recorded(params: Path, tracking_uri: str):
     """`--precision bf16` (params.yaml says fp32) reaches the loop: the run records it beside the other settings."""
     run_id = train_cortex(params, "--precision", "bf16", "--max-epochs", "1", "--replicates", "1")
     assert MlflowClient(tracking_uri).get_run(run_id).data.params["train.precision"] == "bf16"
+
+
+@pytest.mark.skipif(native_bf16(torch.device("cpu")), reason="needs a CPU without native bf16 (AVX2)")
+def test_bf16_on_a_cpu_without_it_is_refused_before_the_store_is_opened(params: Path, tracking_uri: str):
+    """Where bf16 would be emulated (a training many times slower than fp32), `--precision bf16` is one line
+    and exit status 2: no output folder, no run."""
+    result = runner.invoke(app, ["train", "cortex", "--params", str(params), "--precision", "bf16", "--max-epochs", "1"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and "option 'precision': 'bf16' requested but this CPU" in result.stderr
+    assert not (params.parent / "runs").exists()
+    assert (
+        MlflowClient(tracking_uri).search_runs([e.experiment_id for e in MlflowClient(tracking_uri).search_experiments()]) == []
+    )
 
 
 def test_a_training_shows_running_in_mlflow_until_it_ends(tracking_uri: str, tiny: TinyData, tmp_path: Path):

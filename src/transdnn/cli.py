@@ -241,7 +241,7 @@ def train_cmd(
     no_track: NoTrackOpt = False,
 ) -> None:
     """Train all replicates of a partition, save checkpoints, and record runs and models in MLflow."""
-    from transdnn.hardware import resolve_device
+    from transdnn.hardware import training_device
     from transdnn.jobs import train_partition
     from transdnn.settings import override
 
@@ -257,7 +257,7 @@ def train_cmd(
         precision=precision.value if precision else None,
         shuffle_labels=shuffle_labels,
     )
-    dev = _run(resolve_device, part.train.device)
+    dev = _run(training_device, part.train.device, part.train.precision)
     tracker = None if no_track else _tracker(settings, params)
     sets = len(_run(lambda: part.data.train_paths))
     progress = _Progress(part.train.replicates * part.train.max_epochs * sets, f"{partition.value} replicate-epochs")
@@ -337,13 +337,13 @@ def test_cmd(
     out: OutOpt = None,
 ) -> None:
     """Independent test: train on --data, then predict a held-out set (accuracy, confusion matrix)."""
-    from transdnn.hardware import resolve_device
+    from transdnn.hardware import training_device
     from transdnn.jobs import test_partition
     from transdnn.settings import override
 
     _, part = _partition(params, partition, out=out, data=data)
     part = _run(override, part, "train", replicates=replicates, max_epochs=max_epochs, device=device)
-    dev = _run(resolve_device, part.train.device)
+    dev = _run(training_device, part.train.device, part.train.precision)
     report = _run(test_partition, partition.value, part, test, dev)
     for dataset, r in report.items():
         typer.echo(f"{partition.value}/{dataset}: independent test accuracy {r['accuracy_mean']:.4f}")

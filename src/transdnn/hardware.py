@@ -39,6 +39,34 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def training_device(name: str, precision: str) -> torch.device:
+    """The device a training runs on, refused where its precision would be emulated: bf16 autocast is an
+    opt-in speed-up, and on a device without native bf16 it is a slow-down (a subcortex training pass on a
+    2-core AVX2 CPU took 27x as long in bf16 as in fp32)."""
+    device = resolve_device(name)
+    if precision == "bf16" and not native_bf16(device):
+        raise ConfigError(
+            f"option 'precision': 'bf16' requested but {_described(device)} has no native bf16, so autocast would "
+            "train many times slower than fp32 (expected fp32 here, or bf16 on a CPU with AVX-512 or a GPU of compute capability 8.0 or later)"
+        )
+    return device
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run in hardware: on a CUDA GPU of compute capability 8.0 or later (or ROCm), or on
+    a CPU where oneDNN runs bf16 natively (AVX-512, AMX, Arm's bf16), by torch's own test."""
+    if device.type == "cuda":
+        return bool(torch.version.hip) or torch.cuda.get_device_capability(device)[0] >= 8
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def _described(device: torch.device) -> str:
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"{device} ({torch.cuda.get_device_name(device)}, compute capability {major}.{minor})"
+    return f"this CPU ({torch.backends.cpu.get_cpu_capability()})"
+
+
 @contextmanager
 def reuse_freed_memory(device: torch.device) -> Iterator[None]:
     """While training on the CPU, let glibc reuse freed large blocks instead of returning them.

@@ -40,6 +40,7 @@ def test_runs_children_metrics_and_inputs(params: Path, tracking_uri: str, tiny:
     assert parent.data.tags["partition"] == "cortex" and parent.data.tags["dataset"] == "Integrated_dataset_0"
     assert parent.data.params["rows"] == "288" and parent.data.params["genes"] == "40" and parent.data.params["regions"] == "6"
     assert parent.data.params["train.max_epochs"] == "4" and "git_commit" in parent.data.params
+    assert parent.data.params["device"] == "cpu" and parent.data.params["cpu_threads"] == str(torch.get_num_threads())
     inputs = {i.dataset.name.split(":")[0]: i for i in parent.inputs.dataset_inputs}
     assert set(inputs) == {"train", "human", "mouse", "genes", "homology"}
     assert len(inputs["train"].dataset.digest) == 32

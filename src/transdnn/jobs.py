@@ -251,6 +251,7 @@ def _train_data_set(
             "regions": len(train_set.regions),
             "samples": train_set.n_samples,
             "device": str(device),
+            "cpu_threads": torch.get_num_threads(),  # fitted to the process's CPU quota (fit_cpu_threads)
         },
         seeds=seeds_for(part.train.seed, part.train.replicates, layout.dataset),
         inputs={"train": path, **{name: getattr(part.data, name) for name in RANKED_ON}},

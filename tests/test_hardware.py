@@ -110,6 +110,8 @@ def test_the_cpu_quota_is_the_tightest_of_the_cgroup_and_its_ancestors(tmp_path:
     proc = tmp_path / "cgroup"
     proc.write_text("0::/kubepods/pod1\n")
     assert usable_cpus(proc, v2) == min(2, len(os.sched_getaffinity(0))), "2.5 CPUs keep two threads busy"
+    (v2 / "kubepods" / "cpu.max").write_text("garbage\n")
+    assert usable_cpus(proc, v2) == len(os.sched_getaffinity(0)), "an unknown layout leaves the threads as they are"
 
 
 @pytest.fixture

@@ -88,7 +88,10 @@ def usable_cpus(proc: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/
     """The CPUs the process may keep busy: those it may run on, bounded by its cgroup's CPU quota (whole CPUs,
     rounded down: one thread more than the quota gets the whole pool throttled; at least one)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    quota = cpu_quota(proc.read_text(), root) if proc.is_file() else None
+    try:
+        quota = cpu_quota(proc.read_text(), root) if proc.is_file() else None
+    except (OSError, ValueError):  # a cgroup layout this reading does not know costs the cap, not the run
+        quota = None
     return cpus if quota is None else max(1, min(cpus, math.floor(quota)))
 
 

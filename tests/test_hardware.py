@@ -131,15 +131,13 @@ def one_cpu_cgroup() -> Iterator[Path]:
 def test_torch_threads_are_capped_at_a_real_cgroup_cpu_quota(one_cpu_cgroup: Path):
     """A process in a cgroup allowed one CPU, as under `docker run --cpus 1`, sees every core and torch starts a
     thread for each; `fit_cpu_threads`, which the commands that compute call, brings them down to one."""
-    script = "import torch; from transdnn.hardware import fit_cpu_threads; print(torch.get_num_threads(), fit_cpu_threads())"
+    # the process moves itself in before torch starts (a preexec_fn is unsafe in a threaded pytest worker)
+    script = (
+        "import os, sys; open(sys.argv[1], 'w').write(str(os.getpid())); "
+        "import torch; from transdnn.hardware import fit_cpu_threads; print(torch.get_num_threads(), fit_cpu_threads())"
+    )
     procs = one_cpu_cgroup / "cgroup.procs"
-    out = subprocess.run(
-        [sys.executable, "-c", script],
-        preexec_fn=lambda: procs.write_text(str(os.getpid())),
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
+    out = subprocess.run([sys.executable, "-c", script, str(procs)], capture_output=True, text=True, check=True).stdout.split()
     assert int(out[0]) >= 2 and out[1] == "1", out
 
 

@@ -130,11 +130,13 @@ def one_cpu_cgroup() -> Iterator[Path]:
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs torch to start more than one thread")
 def test_torch_threads_are_capped_at_a_real_cgroup_cpu_quota(one_cpu_cgroup: Path):
     """A process in a cgroup allowed one CPU, as under `docker run --cpus 1`, sees every core and torch starts a
-    thread for each; `fit_cpu_threads`, which the commands that compute call, brings them down to one."""
+    thread for each; `resolve_device`, through which every command that computes picks its device, brings them
+    down to one."""
     # the process moves itself in before torch starts (a preexec_fn is unsafe in a threaded pytest worker)
     script = (
         "import os, sys; open(sys.argv[1], 'w').write(str(os.getpid())); "
-        "import torch; from transdnn.hardware import fit_cpu_threads; print(torch.get_num_threads(), fit_cpu_threads())"
+        "import torch; from transdnn.hardware import resolve_device; "
+        "seen = torch.get_num_threads(); resolve_device('cpu'); print(seen, torch.get_num_threads())"
     )
     procs = one_cpu_cgroup / "cgroup.procs"
     out = subprocess.run([sys.executable, "-c", script, str(procs)], capture_output=True, text=True, check=True).stdout.split()

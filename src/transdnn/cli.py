@@ -241,7 +241,7 @@ def train_cmd(
     no_track: NoTrackOpt = False,
 ) -> None:
     """Train all replicates of a partition, save checkpoints, and record runs and models in MLflow."""
-    from transdnn.hardware import fit_cpu_threads, training_device
+    from transdnn.hardware import training_device
     from transdnn.jobs import train_partition
     from transdnn.settings import override
 
@@ -258,7 +258,6 @@ def train_cmd(
         shuffle_labels=shuffle_labels,
     )
     dev = _run(training_device, part.train.device, part.train.precision)
-    fit_cpu_threads()
     tracker = None if no_track else _tracker(settings, params)
     sets = len(_run(lambda: part.data.train_paths))
     progress = _Progress(part.train.replicates * part.train.max_epochs * sets, f"{partition.value} replicate-epochs")
@@ -296,14 +295,13 @@ def embed(
     no_track: NoTrackOpt = False,
 ) -> None:
     """Write region embeddings, correlations, the consensus and metrics.json for a trained partition."""
-    from transdnn.hardware import fit_cpu_threads, resolve_device
+    from transdnn.hardware import resolve_device
     from transdnn.jobs import embed_partition, embed_with_model
     from transdnn.settings import override
 
     settings, part = _partition(params, partition, out=out, data=data, human=human, mouse=mouse, genes=genes, homology=homology)
     part = _run(override, part, "train", device=device)
     dev = _run(resolve_device, part.train.device)
-    fit_cpu_threads()
     if model:
         from transdnn.tracking import load_model
 
@@ -339,14 +337,13 @@ def test_cmd(
     out: OutOpt = None,
 ) -> None:
     """Independent test: train on --data, then predict a held-out set (accuracy, confusion matrix)."""
-    from transdnn.hardware import fit_cpu_threads, training_device
+    from transdnn.hardware import training_device
     from transdnn.jobs import test_partition
     from transdnn.settings import override
 
     _, part = _partition(params, partition, out=out, data=data)
     part = _run(override, part, "train", replicates=replicates, max_epochs=max_epochs, device=device)
     dev = _run(training_device, part.train.device, part.train.precision)
-    fit_cpu_threads()
     report = _run(test_partition, partition.value, part, test, dev)
     for dataset, r in report.items():
         typer.echo(f"{partition.value}/{dataset}: independent test accuracy {r['accuracy_mean']:.4f}")

@@ -25,6 +25,14 @@ _OUT_OF_MEMORY = ("can't allocate memory", "CUDA error: out of memory", "CUBLAS_
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device a command computes on, with torch's CPU threads fitted to the CPUs the process may use
+    (`fit_cpu_threads`): every command that computes resolves its device here, so none can miss the cap."""
+    device = _named_device(name)
+    fit_cpu_threads()
+    return device
+
+
+def _named_device(name: str) -> torch.device:
     """'auto' picks CUDA when present; naming an absent device is a configuration error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -105,7 +113,7 @@ def cpu_quota(proc_cgroup: str, root: Path) -> float | None:
         if controllers == "":
             quotas += [_v2_quota(folder) for folder in _ancestors(root, path)]
         elif "cpu" in controllers.split(","):
-            mounts = [root / controllers, root / "cpu"]
+            mounts = dict.fromkeys([root / controllers, root / "cpu"])  # one folder when the controller is `cpu` alone
             quotas += [_v1_quota(folder) for mount in mounts for folder in _ancestors(mount, path)]
     found = [q for q in quotas if q is not None]
     return min(found) if found else None

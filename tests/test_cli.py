@@ -9,8 +9,9 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import pandas as pd
 import pytest
@@ -323,6 +324,32 @@ def test_help_lists_every_command():
     result = runner.invoke(app, ["--help"])
     for cmd in ("synth", "validate", "train", "embed", "test", "promote", "registry"):
         assert cmd in result.stdout
+
+
+def _literal_values(annotation: Any) -> set[str]:
+    """The values of the Literal inside an option's annotation (through Annotated and `| None`)."""
+    if get_origin(annotation) is Literal:
+        return set(get_args(annotation))
+    return {v for arg in get_args(annotation) for v in _literal_values(arg)}
+
+
+def test_the_cli_offers_exactly_the_values_params_yaml_accepts():
+    """Each closed set is spelled once (transdnn.choices): a command offers what the settings validate,
+    and refuses anything else before it reads a file."""
+    from transdnn import cli
+    from transdnn.settings import EmbedSettings, PartitionSettings, Settings, TrainSettings
+
+    def offered(command: Callable[..., None], name: str) -> set[str]:
+        return _literal_values(get_type_hints(command, include_extras=True)[name])
+
+    partitions = {name for name, field in Settings.model_fields.items() if field.annotation is PartitionSettings}
+    for command in (cli.validate, cli.train_cmd, cli.embed, cli.test_cmd, cli.promote, cli.registry_show):
+        assert offered(command, "partition") == partitions, command.__name__
+    assert offered(cli.train_cmd, "precision") == _literal_values(TrainSettings.model_fields["precision"].annotation)
+    assert offered(cli.embed, "checkpoint") == _literal_values(EmbedSettings.model_fields["checkpoint"].annotation)
+    for args in (["train", "cortx"], ["train", "cortex", "--precision", "fp16"], ["embed", "cortex", "--checkpoint", "best"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and "is not one of" in result.stderr, args
 
 
 def test_version_names_transdnn_and_the_libraries_it_runs_on():

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from transdnn.atomic import AlternatingFile, write_json, write_with
+from transdnn.choices import Checkpoint
 from transdnn.errors import InputError
 from transdnn.model import StackedMLP
 
@@ -57,7 +58,7 @@ class RunLayout:
     def checkpoints_dir(self) -> Path:
         return self.train_root / "checkpoints"
 
-    def checkpoint(self, kind: str) -> Path:
+    def checkpoint(self, kind: Checkpoint) -> Path:
         return self.checkpoints_dir / f"{kind}.pt"
 
     @property
@@ -200,7 +201,7 @@ def stored_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any], 
         raise InputError(f"{path}: checkpoint lacks {exc} (expected a transdnn checkpoint)") from None
 
 
-def require_checkpoint(layout: RunLayout, kind: str) -> Path:
+def require_checkpoint(layout: RunLayout, kind: Checkpoint) -> Path:
     """The path of checkpoint `kind` of a training written under `layout`, which must have been written
     (checked for every data set before a job writes anything)."""
     path = layout.checkpoint(kind)
@@ -214,7 +215,7 @@ def require_checkpoint(layout: RunLayout, kind: str) -> Path:
     return path
 
 
-def load_model(layout: RunLayout, kind: str) -> StoredModel:
+def load_model(layout: RunLayout, kind: Checkpoint) -> StoredModel:
     """Load checkpoint `kind` of a training run written under `layout`."""
     path = require_checkpoint(layout, kind)
     meta = json.loads(layout.model_meta.read_text())

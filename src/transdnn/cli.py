@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
+from transdnn.choices import PARTITIONS, Checkpoint, Partition, Precision
 from transdnn.errors import TransdnnError
 
 if TYPE_CHECKING:  # annotations only: the CLI imports the library lazily, per command
@@ -50,22 +50,6 @@ def _options(
     ] = False,
 ) -> None:
     """Options before the command."""
-
-
-class Partition(str, Enum):
-    cortex = "cortex"
-    subcortex = "subcortex"
-
-
-class Precision(str, Enum):
-    fp32 = "fp32"
-    bf16 = "bf16"
-
-
-class CheckpointKind(str, Enum):
-    best_valid = "best_valid"
-    best_rank = "best_rank"
-    last = "last"
 
 
 def _user_path(value: Path | None) -> Path | None:
@@ -115,7 +99,7 @@ def _partition(
     from transdnn.settings import override_paths
 
     settings = _settings(params)
-    part = _run(override_paths, settings.partition(partition.value), train=paths.pop("data", None), out=out, **paths)
+    part = _run(override_paths, settings.partition(partition), train=paths.pop("data", None), out=out, **paths)
     return settings, part
 
 
@@ -172,7 +156,7 @@ def synth(
     cells_per_sample: Annotated[int | None, typer.Option(help="Cells per sample in the training set.")] = None,
 ) -> None:
     """Write the embedded default inputs (both partitions) at the real shapes."""
-    from transdnn.settings import PARTITIONS, SynthSettings
+    from transdnn.settings import SynthSettings
     from transdnn.synth import synthesize
 
     cfg = _settings(params).synth
@@ -254,22 +238,22 @@ def train_cmd(
         max_epochs=max_epochs,
         seed=seed,
         device=device,
-        precision=precision.value if precision else None,
+        precision=precision,
         shuffle_labels=shuffle_labels,
     )
     dev = _run(training_device, part.train.device, part.train.precision)
     tracker = None if no_track else _tracker(settings, params)
     sets = len(_run(lambda: part.data.train_paths))
-    progress = _Progress(part.train.replicates * part.train.max_epochs * sets, f"{partition.value} replicate-epochs")
+    progress = _Progress(part.train.replicates * part.train.max_epochs * sets, f"{partition} replicate-epochs")
     try:
-        outcomes = _run(train_partition, partition.value, part, dev, tracker, progress, stage, resume)
+        outcomes = _run(train_partition, partition, part, dev, tracker, progress, stage, resume)
     except BaseException:
         progress.close(finished=False)
         raise
     progress.close(finished=True)
     for o in outcomes:
         typer.echo(
-            f"{partition.value}/{o.dataset}: {len(o.summary)} replicate{'s' * (len(o.summary) != 1)}, epochs {int(o.summary.epochs_run.min())}-{int(o.summary.epochs_run.max())}, "
+            f"{partition}/{o.dataset}: {len(o.summary)} replicate{'s' * (len(o.summary) != 1)}, epochs {int(o.summary.epochs_run.min())}-{int(o.summary.epochs_run.max())}, "
             f"best valid loss {o.summary.best_valid_loss.mean():.4f}, homology rank {o.chosen_ranks.mean():.2f}"
             + (f", run {o.run_id}" if o.run_id else "")
             + (" (trained before; kept)" if o.trained_before else "")
@@ -281,7 +265,7 @@ def train_cmd(
 def embed(
     partition: Partition,
     params: ParamsOpt = Path("params.yaml"),
-    checkpoint: Annotated[CheckpointKind | None, typer.Option(help="Which checkpoint to embed with.")] = None,
+    checkpoint: Annotated[Checkpoint | None, typer.Option(help="Which checkpoint to embed with.")] = None,
     model: Annotated[
         str | None, typer.Option(help="Embed with a registry model instead, e.g. models:/transdnn-cortex@champion.")
     ] = None,
@@ -307,17 +291,17 @@ def embed(
 
         _configure(settings, params)
         stored = _run(load_model, model)
-        metrics, folder = _run(embed_with_model, stored, model, partition.value, part, dev)
+        metrics, folder = _run(embed_with_model, stored, model, partition, part, dev)
         typer.echo(
-            f"{partition.value}: {model} homology rank {metrics['homology_rank_mean']:.2f} (raw {metrics['raw_homology_rank']:.2f}) -> {folder}"
+            f"{partition}: {model} homology rank {metrics['homology_rank_mean']:.2f} (raw {metrics['raw_homology_rank']:.2f}) -> {folder}"
         )
         return
-    kind = checkpoint.value if checkpoint else part.embed.checkpoint
-    report = _run(embed_partition, partition.value, part, dev, kind, None if no_track else _tracker(settings, params))
-    lines = [(f"{partition.value}/{name}", m) for name, m in report["data_sets"].items()]
+    kind = checkpoint or part.embed.checkpoint
+    report = _run(embed_partition, partition, part, dev, kind, None if no_track else _tracker(settings, params))
+    lines = [(f"{partition}/{name}", m) for name, m in report["data_sets"].items()]
     if len(lines) > 1:
         pooled = report["all_data_sets"]
-        lines.append((f"{partition.value}, all {pooled['data_sets']} data sets ({pooled['models']} models)", pooled))
+        lines.append((f"{partition}, all {pooled['data_sets']} data sets ({pooled['models']} models)", pooled))
     for label, m in lines:
         typer.echo(
             f"{label}: homology rank mean {m['homology_rank_mean']:.2f}, consensus {m['homology_rank_consensus']:.2f}, "
@@ -344,9 +328,9 @@ def test_cmd(
     _, part = _partition(params, partition, out=out, data=data)
     part = _run(override, part, "train", replicates=replicates, max_epochs=max_epochs, device=device)
     dev = _run(training_device, part.train.device, part.train.precision)
-    report = _run(test_partition, partition.value, part, test, dev)
+    report = _run(test_partition, partition, part, test, dev)
     for dataset, r in report.items():
-        typer.echo(f"{partition.value}/{dataset}: independent test accuracy {r['accuracy_mean']:.4f}")
+        typer.echo(f"{partition}/{dataset}: independent test accuracy {r['accuracy_mean']:.4f}")
 
 
 @app.command()
@@ -372,10 +356,10 @@ def promote(
     settings, part = _partition(params, partition)
     tracker = _tracker(settings, params, create=False)
     better = settings.promote.require_better if require_better is None else require_better
-    p = _run(lambda: promote_partition(partition.value, part, tracker.experiment_id, settings.promote.criterion, run_id, better))
+    p = _run(lambda: promote_partition(partition, part, tracker.experiment_id, settings.promote.criterion, run_id, better))
     verb = "promoted" if p.moved else "kept"
     typer.echo(
-        f"{partition.value}: {verb} version {p.version} (replicate {p.champion.replicate}, {p.champion.figures()}): {p.reason} -> {champion_uri(partition.value)}"
+        f"{partition}: {verb} version {p.version} (replicate {p.champion.replicate}, {p.champion.figures()}): {p.reason} -> {champion_uri(partition)}"
     )
 
 
@@ -389,7 +373,7 @@ def registry_show(
     from transdnn.registry import show
 
     _configure(_settings(params), params)
-    rows = _run(show, [partition.value] if partition else [p.value for p in Partition])
+    rows = _run(show, [partition] if partition else list(PARTITIONS))
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return

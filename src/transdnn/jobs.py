@@ -24,6 +24,7 @@ import torch
 
 from transdnn.atomic import check_output_folder, output_folder, write_csv, write_json
 from transdnn.checkpoints import RunLayout, StoredModel, load_model, require_checkpoint, save_model
+from transdnn.choices import Checkpoint
 from transdnn.data import (
     PartitionInputs,
     TrainingSet,
@@ -162,14 +163,14 @@ def _meta(partition: str, part: PartitionSettings, result: TrainResult, dataset:
     }
 
 
-def _stored(result: TrainResult, meta: dict[str, Any], kind: str, dtype: str) -> StoredModel:
+def _stored(result: TrainResult, meta: dict[str, Any], kind: Checkpoint, dtype: str) -> StoredModel:
     """Checkpoint `kind` as it is written: weights in `dtype`, scalers in float32. Everything after training
     (the chosen ranks, embed, the logged models) uses these stored weights."""
     weights = {name: t.to(getattr(torch, dtype)) for name, t in result.checkpoints[kind].items()}
     return StoredModel(meta, weights, result.scaler_mean, result.scaler_std, torch.from_numpy(result.checkpoint_epochs[kind]))
 
 
-def _save_training(result: TrainResult, layout: RunLayout, stored: dict[str, StoredModel]) -> list[Path]:
+def _save_training(result: TrainResult, layout: RunLayout, stored: dict[Checkpoint, StoredModel]) -> list[Path]:
     for kind, model in stored.items():
         save_model(layout.checkpoint(kind), layout.model_meta, model)
     files = []
@@ -333,7 +334,7 @@ def _track_training(
 
 
 def embed_partition(
-    partition: str, part: PartitionSettings, device: torch.device, checkpoint: str, tracker: Any | None = None
+    partition: str, part: PartitionSettings, device: torch.device, checkpoint: Checkpoint, tracker: Any | None = None
 ) -> dict[str, dict[str, Any]]:
     """Embed the transform sets with each training set's chosen checkpoint; write CSVs, the consensus over
     all data sets, and metrics.json, which is returned: `all_data_sets` (the job's pooled answer) and

@@ -9,11 +9,12 @@ from __future__ import annotations
 import hashlib
 import math
 from itertools import pairwise
-from typing import Literal
 
 import numpy as np
 import torch
 from torch import nn
+
+from transdnn.choices import DropoutMode
 
 
 class StackedMLP(nn.Module):
@@ -26,7 +27,7 @@ class StackedMLP(nn.Module):
         hidden_units: list[int],
         output_units: int,
         dropout: float,
-        dropout_mode: Literal["unit", "row"],
+        dropout_mode: DropoutMode,
     ) -> None:
         super().__init__()
         self.sizes = [input_units, *hidden_units, output_units]

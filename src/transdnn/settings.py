@@ -10,10 +10,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from transdnn.choices import CHECKPOINTS, PARTITIONS, Checkpoint, DropoutMode, Precision
 from transdnn.errors import ConfigError, InputError
-
-Checkpoint = Literal["best_valid", "best_rank", "last"]
-CHECKPOINTS: tuple[str, ...] = ("best_valid", "best_rank", "last")
 
 
 class _Strict(BaseModel):
@@ -87,7 +85,7 @@ class ModelSettings(_Strict):
     output_units: int | None = Field(default=None, gt=0)
     hidden_units: list[int] = Field(min_length=1)
     dropout: float = Field(ge=0, lt=1)
-    dropout_mode: Literal["unit", "row"]
+    dropout_mode: DropoutMode
 
     @field_validator("hidden_units")
     @classmethod
@@ -110,7 +108,7 @@ class TrainSettings(_Strict):
     shuffle_labels: bool
     seed: int = Field(ge=0)
     device: str
-    precision: Literal["fp32", "bf16"]
+    precision: Precision
     transform_scaling: Literal["none", "train"]
     state_every_s: float | None = Field(ge=0)
     extra_checkpoints: list[Checkpoint]
@@ -131,7 +129,7 @@ class PartitionSettings(_Strict):
     out: Path
 
     @property
-    def checkpoint_kinds(self) -> tuple[str, ...]:
+    def checkpoint_kinds(self) -> tuple[Checkpoint, ...]:
         """The checkpoints training writes: the one embedding uses, plus any extra ones asked for."""
         wanted = {self.embed.checkpoint, *self.train.extra_checkpoints}
         return tuple(k for k in CHECKPOINTS if k in wanted)
@@ -167,9 +165,6 @@ class Settings(_Strict):
 
     def partition(self, name: str) -> PartitionSettings:
         return getattr(self, name)
-
-
-PARTITIONS: tuple[str, ...] = ("cortex", "subcortex")
 
 
 def _resolve_paths(raw: dict[str, Any], root: Path, source: Path) -> dict[str, Any]:

@@ -25,12 +25,13 @@ import torch
 import torch.nn.functional as F
 
 from transdnn.atomic import AlternatingFile
+from transdnn.choices import CHECKPOINTS, Checkpoint
 from transdnn.data import PartitionInputs, TrainingSet
 from transdnn.errors import InputError
 from transdnn.hardware import reuse_freed_memory
 from transdnn.homology import homology_rank, pair_indices, pearson
 from transdnn.model import StackedMLP, seeds_for
-from transdnn.settings import CHECKPOINTS, PartitionSettings
+from transdnn.settings import PartitionSettings
 from transdnn.split import fit_scalers, split_rows, split_samples
 
 EPOCH_METRICS = ("train_loss", "train_acc", "valid_loss", "valid_acc", "homology_rank", "lr")
@@ -62,8 +63,8 @@ class TrainResult:
 
     regions: list[str]
     genes: list[str]
-    checkpoints: dict[str, dict[str, torch.Tensor]]  # kept kind -> parameter name -> (R, ...) tensor
-    checkpoint_epochs: dict[str, np.ndarray]  # kind -> epoch per replicate
+    checkpoints: dict[Checkpoint, dict[str, torch.Tensor]]  # kept kind -> parameter name -> (R, ...) tensor
+    checkpoint_epochs: dict[Checkpoint, np.ndarray]  # kind -> epoch per replicate
     scaler_mean: torch.Tensor  # (R, G)
     scaler_std: torch.Tensor  # (R, G)
     history: pd.DataFrame  # one row per replicate-epoch
@@ -330,7 +331,7 @@ class Trainer:
         corr = pearson(emb[:, :n_h].double(), emb[:, n_h:].double())
         return homology_rank(corr, self.h_idx, self.m_idx)
 
-    def _snapshot(self, kind: str, where: torch.Tensor) -> None:
+    def _snapshot(self, kind: Checkpoint, where: torch.Tensor) -> None:
         """Copy the live model's weights into snapshot `kind` for the replicates marked in (R,) `where`."""
         if kind not in self.snapshots:
             return
@@ -462,7 +463,7 @@ class Trainer:
         hist[["epoch", "replicate"]] = hist[["epoch", "replicate"]].astype(int)
         self.rows = [hist] if len(hist) else []
 
-    def _weights_of(self, kind: str) -> dict[str, torch.Tensor]:
+    def _weights_of(self, kind: Checkpoint) -> dict[str, torch.Tensor]:
         return self.last_weights() if kind == "last" else self.snapshots[kind]
 
     def result(self) -> TrainResult:
@@ -499,7 +500,7 @@ class Trainer:
         )
 
 
-def _snapshot_kinds(settings: PartitionSettings) -> tuple[str, ...]:
+def _snapshot_kinds(settings: PartitionSettings) -> tuple[Checkpoint, ...]:
     """The kept checkpoints that need a copy of their own during training ("last" is the live model)."""
     return tuple(kind for kind in settings.checkpoint_kinds if kind != "last")
 

@@ -6,7 +6,6 @@ Every violation raises `InputError` with one line naming the file, the field and
 from __future__ import annotations
 
 import mmap
-import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -20,6 +19,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from transdnn.cpus import usable_cpus
 from transdnn.errors import InputError
 
 if TYPE_CHECKING:
@@ -305,8 +305,7 @@ def _check_finite(target: np.ndarray, path: Path) -> None:
 
 
 def _cores() -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(cores, _MAX_GATHER_THREADS)
+    return min(usable_cpus(), _MAX_GATHER_THREADS)
 
 
 @dataclass(frozen=True)

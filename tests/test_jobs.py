@@ -1,4 +1,5 @@
-"""Workflows: the per-epoch curves DVC plots, and how a multi-set job holds its data sets."""
+"""Workflows: the per-epoch curves DVC plots, how a multi-set job holds its data sets, and which code a kept
+training was made from."""
 
 from __future__ import annotations
 
@@ -52,3 +53,31 @@ def test_a_job_frees_each_data_set_before_it_loads_the_next(params: Path, tiny: 
     outcomes = jobs.train_partition("cortex", part, torch.device("cpu"))
     assert [o.dataset for o in outcomes] == [f"Integrated_dataset_{k}" for k in range(3)]
     assert alive == [0, 0, 0], "an earlier data set was still held when the next one loaded"
+
+
+@pytest.mark.parametrize(
+    ("module", "retrains"),
+    [
+        ("split.py", True),
+        ("training.py", True),
+        ("settings.py", True),
+        ("atlas/__init__.py", True),
+        ("cli.py", False),
+        ("tracking.py", False),
+        ("plots.py", False),
+        ("evaluate.py", False),
+    ],
+)
+def test_code_digest_changes_with_the_modules_that_make_a_training(tmp_path: Path, module: str, retrains: bool):
+    """A new CLI, figure or MLflow logging must not retrain a 2,000-model job; new training code must."""
+    package = Path(jobs.__file__).parent
+    copy = tmp_path / "transdnn"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    jobs.code_digest.cache_clear()
+    assert jobs.code_digest(copy) == jobs.code_digest(package), "the same source, wherever installed"
+    with (copy / module).open("a") as fh:
+        fh.write("# changed\n")
+    jobs.code_digest.cache_clear()
+    assert (jobs.code_digest(copy) != jobs.code_digest(package)) is retrains
+    sources = {p.relative_to(package).as_posix() for p in package.rglob("*.py")}
+    assert jobs.RECORDING_MODULES.issubset(sources), "each module left out of the digest exists"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,6 +132,18 @@ def params(tmp_path: Path, tiny: TinyData) -> Path:
     return tiny_params(tmp_path / "params.yaml", tiny, tmp_path / "runs")
 
 
+@pytest.fixture(autouse=True)
+def _no_outside_store(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No test reaches the store the developer's shell names (MLFLOW_TRACKING_URI may be a shared server),
+    and no test's store outlives it: MLflow's `set_tracking_uri` also sets that variable, for the process."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    yield
+    if (mlflow := sys.modules.get("mlflow")) is not None:
+        mlflow.set_tracking_uri(None)  # the global, and the variable with it
+        mlflow.set_registry_uri(None)
+
+
 @pytest.fixture(scope="session")
 def store_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One migrated SQLite store per session; each test gets a copy (migrations take seconds)."""
@@ -142,16 +155,13 @@ def store_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def tracking_uri(tmp_path: Path, store_template: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    import mlflow
-
+def tracking_uri(tmp_path: Path, store_template: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     db = tmp_path / "mlflow.db"
     shutil.copy(store_template, db)
     uri = f"sqlite:///{db}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
-    yield uri
-    mlflow.set_tracking_uri("")
+    return uri
 
 
 def cli_ok(args: list[str]) -> str:

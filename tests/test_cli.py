@@ -450,3 +450,28 @@ def test_embed_finds_a_missing_checkpoint_before_it_writes_the_first_set(params:
     assert result.exit_code == 2
     assert "Integrated_dataset_1/checkpoints/best_valid.pt: checkpoint 'best_valid' was never written" in result.stderr
     assert not (tmp_path / "runs" / "cortex" / "embed").exists()
+
+
+@pytest.mark.parametrize("damage", [b'{"genes": [', b"\xff\xfe", b"[1, 2]"])
+def test_a_damaged_record_is_named_in_one_line_before_embed_writes(
+    params: Path, tmp_path: Path, tracking_uri: str, damage: bytes
+):
+    """model.json and train.json are plain files anyone can edit: a damaged one stops `embed` and `promote`
+    with exit 2 and its path, before anything is written, and `train --resume` trains its data set again."""
+    assert runner.invoke(app, ["train", "cortex", "--params", str(params), "--no-track", "--max-epochs", "1"]).exit_code == 0
+    trained = tmp_path / "runs" / "cortex" / "train" / "Integrated_dataset_0"
+    for record in (trained / "checkpoints" / "model.json", trained / "train.json"):
+        kept = record.read_bytes()
+        record.write_bytes(damage)
+        result = runner.invoke(app, ["embed", "cortex", "--params", str(params), "--no-track"])
+        assert result.exit_code == 2, result.output
+        message = result.stderr.strip()
+        assert message.startswith(f"error: {record}: ") and "\n" not in message and "Traceback" not in result.output
+        assert not (tmp_path / "runs" / "cortex" / "embed").exists()
+        record.write_bytes(kept)
+    (trained / "train.json").write_bytes(damage)
+    promoted = runner.invoke(app, ["promote", "cortex", "--params", str(params)])
+    assert promoted.exit_code == 2 and promoted.stderr.startswith(f"error: {trained / 'train.json'}: "), promoted.output
+    again = runner.invoke(app, ["train", "cortex", "--params", str(params), "--no-track", "--max-epochs", "1", "--resume"])
+    assert again.exit_code == 0, again.output
+    assert "trained before" not in again.stdout and json.loads((trained / "train.json").read_text())["epochs_run"] == [1, 1]

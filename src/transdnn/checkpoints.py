@@ -212,11 +212,24 @@ def require_checkpoint(layout: RunLayout, kind: Checkpoint) -> Path:
         )
     if not layout.model_meta.is_file():
         raise InputError(f"{layout.model_meta}: model description missing (expected a file written by `transdnn train`)")
+    read_record(layout.model_meta)
     return path
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    """A JSON record transdnn wrote (model.json, train.json, run.json); one edited or damaged since is
+    refused in one line, not with a decoder's traceback."""
+    try:
+        record = json.loads(path.read_bytes())
+    except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise InputError(f"{path}: unreadable record ({reason}); expected the JSON object `transdnn train` wrote") from None
+    if not isinstance(record, dict):
+        raise InputError(f"{path}: a JSON {type(record).__name__}, not an object (expected the record `transdnn train` wrote)")
+    return record
 
 
 def load_model(layout: RunLayout, kind: Checkpoint) -> StoredModel:
     """Load checkpoint `kind` of a training run written under `layout`."""
     path = require_checkpoint(layout, kind)
-    meta = json.loads(layout.model_meta.read_text())
-    return stored_from_tensors(load_tensors(path), meta, path)
+    return stored_from_tensors(load_tensors(path), read_record(layout.model_meta), path)

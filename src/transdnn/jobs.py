@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from transdnn.atomic import check_output_folder, output_folder, write_csv, write_json
-from transdnn.checkpoints import RunLayout, StoredModel, load_model, require_checkpoint, save_model
+from transdnn.checkpoints import RunLayout, StoredModel, load_model, read_record, require_checkpoint, save_model
 from transdnn.choices import Checkpoint
 from transdnn.data import (
     PartitionInputs,
@@ -121,15 +121,24 @@ def _trained_before(
         return None
     try:
         made_from = _made_from(part, path)
-    except OSError:  # a missing input: training it again lets the loader name it
+        info = read_record(layout.train_info)
+    except (OSError, InputError):  # a missing input (the loader names it) or a damaged record: train it again
         return None
-    info = json.loads(layout.train_info.read_text())
     if info.get("made_from") != made_from or info.get("history") != _files_digest(history):
         return None
-    if tracker is not None and not (info["run_id"] and tracker.finished(info["run_id"])):
+    if tracker is not None and not (info.get("run_id") and tracker.finished(info["run_id"])):
         return None  # untracked before, or its run is not in this store: train it into this one
     ranks = np.asarray(info["chosen_homology_rank"])
     return TrainOutcome(partition, layout.dataset, layout, info["run_id"], pd.read_csv(layout.summary), ranks, True)
+
+
+def _run_record(layout: RunLayout) -> dict[str, Any]:
+    """A killed training's run.json; a damaged one cannot say what the training was made from, so the
+    training starts afresh rather than continue."""
+    try:
+        return read_record(layout.run_record)
+    except InputError:
+        return {"made_from": None}
 
 
 def _clear(layout: RunLayout) -> None:
@@ -267,7 +276,7 @@ def _train_data_set(
         stage=stage,
     )
     current = layout.state.current() if resume else None
-    record = json.loads(layout.run_record.read_text()) if current is not None and layout.run_record.is_file() else {}
+    record = _run_record(layout) if current is not None and layout.run_record.is_file() else {}
     # a killed training of other settings, files or code is not continued; a record without "made_from"
     # was written before transdnn kept it: that one is resumed as asked
     restarted = record.get("made_from", made_from) != made_from
@@ -417,7 +426,7 @@ def _consensus_heatmap(frame: pd.DataFrame, inputs: PartitionInputs, folder: Pat
 
 def _recorded_run_id(layout: RunLayout) -> str | None:
     """The MLflow run id a training recorded in its train.json; None if untracked or not trained."""
-    return json.loads(layout.train_info.read_text()).get("run_id") if layout.train_info.is_file() else None
+    return read_record(layout.train_info).get("run_id") if layout.train_info.is_file() else None
 
 
 def _training_run(tracker: Any | None, layout: RunLayout) -> Any | None:

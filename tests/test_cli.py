@@ -452,15 +452,16 @@ def test_embed_finds_a_missing_checkpoint_before_it_writes_the_first_set(params:
     assert not (tmp_path / "runs" / "cortex" / "embed").exists()
 
 
-@pytest.mark.parametrize("damage", [b'{"genes": [', b"\xff\xfe", b"[1, 2]"])
+@pytest.mark.parametrize("damage", [b'{"genes": [', b"\xff\xfe", b"[1, 2]", b"", b"best_valid_loss\nlow\n"])
 def test_a_damaged_record_is_named_in_one_line_before_embed_writes(
     params: Path, tmp_path: Path, tracking_uri: str, damage: bytes
 ):
-    """model.json and train.json are plain files anyone can edit: a damaged one stops `embed` and `promote`
-    with exit 2 and its path, before anything is written, and `train --resume` trains its data set again."""
+    """model.json, train.json and the summary are plain files anyone can edit: a damaged one stops `embed`
+    and `promote` with exit 2 and its path, before anything is written, and `train --resume` trains its
+    data set again."""
     assert runner.invoke(app, ["train", "cortex", "--params", str(params), "--no-track", "--max-epochs", "1"]).exit_code == 0
     trained = tmp_path / "runs" / "cortex" / "train" / "Integrated_dataset_0"
-    for record in (trained / "checkpoints" / "model.json", trained / "train.json"):
+    for record in (trained / "checkpoints" / "model.json", trained / "train.json", trained / "train_summary.csv"):
         kept = record.read_bytes()
         record.write_bytes(damage)
         result = runner.invoke(app, ["embed", "cortex", "--params", str(params), "--no-track"])
@@ -469,6 +470,7 @@ def test_a_damaged_record_is_named_in_one_line_before_embed_writes(
         assert message.startswith(f"error: {record}: ") and "\n" not in message and "Traceback" not in result.output
         assert not (tmp_path / "runs" / "cortex" / "embed").exists()
         record.write_bytes(kept)
+    (trained / "train_summary.csv").write_bytes(damage)
     (trained / "train.json").write_bytes(damage)
     promoted = runner.invoke(app, ["promote", "cortex", "--params", str(params)])
     assert promoted.exit_code == 2 and promoted.stderr.startswith(f"error: {trained / 'train.json'}: "), promoted.output

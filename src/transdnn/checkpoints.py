@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 
 from transdnn.atomic import AlternatingFile, write_json, write_with
@@ -227,6 +228,23 @@ def read_record(path: Path) -> dict[str, Any]:
     if not isinstance(record, dict):
         raise InputError(f"{path}: a JSON {type(record).__name__}, not an object (expected the record `transdnn train` wrote)")
     return record
+
+
+SUMMARY_FIELDS = ("epochs_run", "best_valid_loss", "best_valid_acc")  # what the CLI and embed read of a summary
+
+
+def read_summary(path: Path) -> pd.DataFrame:
+    """A training's per-replicate summary (train_summary.csv); one edited or damaged since is refused in
+    one line, naming the field."""
+    try:
+        frame = pd.read_csv(path)
+    except (ValueError, OSError) as exc:  # pandas' EmptyDataError and ParserError are ValueErrors
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise InputError(f"{path}: unreadable summary ({reason}); expected the CSV `transdnn train` wrote") from None
+    for field in SUMMARY_FIELDS:
+        if field not in frame.columns or frame.empty or not pd.api.types.is_numeric_dtype(frame[field]):
+            raise InputError(f"{path}: field '{field}' missing or not numeric (expected the CSV `transdnn train` wrote)")
+    return frame
 
 
 def load_model(layout: RunLayout, kind: Checkpoint) -> StoredModel:

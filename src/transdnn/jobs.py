@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from transdnn.atomic import check_output_folder, output_folder, write_csv, write_json
-from transdnn.checkpoints import RunLayout, StoredModel, load_model, read_record, require_checkpoint, save_model
+from transdnn.checkpoints import RunLayout, StoredModel, load_model, read_record, read_summary, require_checkpoint, save_model
 from transdnn.choices import Checkpoint
 from transdnn.data import (
     PartitionInputs,
@@ -122,6 +122,7 @@ def _trained_before(
     try:
         made_from = _made_from(part, path)
         info = read_record(layout.train_info)
+        summary = read_summary(layout.summary)
     except (OSError, InputError):  # a missing input (the loader names it) or a damaged record: train it again
         return None
     if info.get("made_from") != made_from or info.get("history") != _files_digest(history):
@@ -129,7 +130,7 @@ def _trained_before(
     if tracker is not None and not (info.get("run_id") and tracker.finished(info["run_id"])):
         return None  # untracked before, or its run is not in this store: train it into this one
     ranks = np.asarray(info["chosen_homology_rank"])
-    return TrainOutcome(partition, layout.dataset, layout, info["run_id"], pd.read_csv(layout.summary), ranks, True)
+    return TrainOutcome(partition, layout.dataset, layout, info["run_id"], summary, ranks, True)
 
 
 def _run_record(layout: RunLayout) -> dict[str, Any]:
@@ -361,6 +362,7 @@ def embed_partition(
     layouts = [RunLayout.for_training_file(part.out, path) for path in part.data.train_paths]
     for layout in layouts:  # a 100-set job missing one set's checkpoint fails before the first set, not after
         require_checkpoint(layout, checkpoint)
+    summaries = [read_summary(layout.summary) if layout.summary.is_file() else None for layout in layouts]
     if tracker is not None:
         tracker.connect()
     with output_folder(part.out, f"embed {partition}"), tempfile.TemporaryDirectory() as figures:
@@ -368,11 +370,10 @@ def embed_partition(
         # lost since the training) stops the job with no embedding of any data set half-recorded.
         runs = [_training_run(tracker, layout) for layout in layouts]
         all_metrics, consensus, heatmap = {}, [], None
-        for layout, run in zip(layouts, runs, strict=True):
+        for layout, run, summary in zip(layouts, runs, summaries, strict=True):
             started = time.perf_counter()
             stored = load_model(layout, checkpoint)
             emb = embed_inputs(stored, inputs, device)
-            summary = pd.read_csv(layout.summary) if layout.summary.is_file() else None
             metrics = embed_metrics(emb, checkpoint, summary)
             write_embeddings(emb, layout, metrics)
             tracking = time.perf_counter()

@@ -438,6 +438,24 @@ def test_one_job_at_a_time_writes_a_partitions_outputs(params: Path, tmp_path: P
     assert result.exit_code == 0, result.stderr
 
 
+def test_embed_finds_a_checkpoint_unlike_its_description_before_it_writes_the_first_set(
+    params: Path, tiny: TinyData, tmp_path: Path
+):
+    """An edited model.json of the second data set stops `embed` before the first set's embeddings are written."""
+    shutil.copy(tiny.train, tiny.train.with_name("Integrated_dataset_1.h5ad"))
+    raw = yaml.safe_load(params.read_text())
+    raw["cortex"]["data"]["train"] = ["Integrated_dataset_0.h5ad", "Integrated_dataset_1.h5ad"]
+    params.write_text(yaml.safe_dump(raw))
+    assert runner.invoke(app, ["train", "cortex", "--params", str(params), "--no-track", "--max-epochs", "1"]).exit_code == 0
+    second = tmp_path / "runs" / "cortex" / "train" / "Integrated_dataset_1" / "checkpoints"
+    meta = json.loads((second / "model.json").read_text())
+    (second / "model.json").write_text(json.dumps({**meta, "regions": meta["regions"][:-1]}))
+    result = runner.invoke(app, ["embed", "cortex", "--params", str(params), "--no-track"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(f"error: {second / 'best_valid.pt'}: 'biases.3' has shape"), result.stderr
+    assert not (tmp_path / "runs" / "cortex" / "embed").exists()
+
+
 def test_embed_finds_a_missing_checkpoint_before_it_writes_the_first_set(params: Path, tiny: TinyData, tmp_path: Path):
     """A data set listed since the training (not trained yet) stops `embed` before any set's embeddings are
     written, not after the sets before it: no half-embedded job."""

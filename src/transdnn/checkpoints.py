@@ -180,12 +180,13 @@ def save_model(path: Path, meta_path: Path, model: StoredModel) -> None:
     write_json(meta_path, model.meta)
 
 
-def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Load a tensor dict; anything that needs pickle to run code is refused."""
+def load_tensors(path: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """Load a tensor dict; anything that needs pickle to run code is refused. `mmap=True` maps the file
+    instead of reading it: the shapes at once, the values as they are touched."""
     if not path.is_file():
         raise InputError(f"{path}: checkpoint not found (expected a file written by `transdnn train`)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
         reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
         raise InputError(f"{path}: refused to load checkpoint ({reason}); expected plain tensors") from None
@@ -197,14 +198,50 @@ def load_tensors(path: Path) -> dict[str, torch.Tensor]:
 def stored_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: Path) -> StoredModel:
     try:
         state = {k.removeprefix("state."): v for k, v in tensors.items() if k.startswith("state.")}
-        return StoredModel(meta, state, tensors["scaler_mean"], tensors["scaler_std"], tensors["epochs"])
+        model = StoredModel(meta, state, tensors["scaler_mean"], tensors["scaler_std"], tensors["epochs"])
     except KeyError as exc:
         raise InputError(f"{path}: checkpoint lacks {exc} (expected a transdnn checkpoint)") from None
+    _check_described(model, path)
+    return model
 
 
-def require_checkpoint(layout: RunLayout, kind: Checkpoint) -> Path:
-    """The path of checkpoint `kind` of a training written under `layout`, which must have been written
-    (checked for every data set before a job writes anything)."""
+def _check_described(model: StoredModel, path: Path) -> None:
+    """The weights must have the shapes their description (model.json) gives: an edited or mismatched one
+    would otherwise fail deep inside torch. The described model is built on the meta device: no memory."""
+    m = model.meta
+    try:
+        with torch.device("meta"):
+            net = StackedMLP(
+                model.replicates, len(m["genes"]), m["hidden_units"], len(m["regions"]), m["dropout"], m["dropout_mode"]
+            )
+    except KeyError as exc:
+        raise InputError(f"{path}: its model description lacks field {exc} (expected the model.json of its training)") from None
+    except (TypeError, ValueError) as exc:
+        raise InputError(
+            f"{path}: its model description describes no model ({exc}); expected the model.json of its training"
+        ) from None
+    described = {name: tuple(t.shape) for name, t in net.state_dict().items()}
+    described["scaler_mean"] = described["scaler_std"] = (model.replicates, len(m["genes"]))
+    found = {
+        name: tuple(t.shape)
+        for name, t in {**model.state, "scaler_mean": model.scaler_mean, "scaler_std": model.scaler_std}.items()
+    }
+    for name in sorted(described.keys() | found.keys()):
+        if described.get(name) != found.get(name):
+            raise InputError(
+                f"{path}: '{name}' has shape {found.get(name)} (expected {described.get(name)}, from the genes, hidden_units "
+                "and regions of its model description)"
+            )
+
+
+def require_checkpoint(layout: RunLayout, kind: Checkpoint) -> None:
+    """Checkpoint `kind` of a training written under `layout` must have been written, and fit its model
+    description (checked for every data set before a job writes anything; the weights are mapped, not read)."""
+    path = _written(layout, kind)
+    stored_from_tensors(load_tensors(path, mmap=True), read_record(layout.model_meta), path)
+
+
+def _written(layout: RunLayout, kind: Checkpoint) -> Path:
     path = layout.checkpoint(kind)
     if not path.is_file():
         raise InputError(
@@ -213,7 +250,6 @@ def require_checkpoint(layout: RunLayout, kind: Checkpoint) -> Path:
         )
     if not layout.model_meta.is_file():
         raise InputError(f"{layout.model_meta}: model description missing (expected a file written by `transdnn train`)")
-    read_record(layout.model_meta)
     return path
 
 
@@ -249,5 +285,5 @@ def read_summary(path: Path) -> pd.DataFrame:
 
 def load_model(layout: RunLayout, kind: Checkpoint) -> StoredModel:
     """Load checkpoint `kind` of a training run written under `layout`."""
-    path = require_checkpoint(layout, kind)
+    path = _written(layout, kind)
     return stored_from_tensors(load_tensors(path), read_record(layout.model_meta), path)

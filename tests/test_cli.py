@@ -211,7 +211,7 @@ def test_independent_test_holds_its_folder_until_the_report_is_written(
 ):
     """The report is written after the training inside the test: the folder stays held until then, so a
     second test there cannot clear the checkpoints the first one is reading."""
-    from transdnn import jobs
+    from transdnn import evaluate
 
     lock = tmp_path / "runs" / "subcortex" / "independent_test" / ".transdnn.lock"
     holders = []
@@ -225,8 +225,8 @@ def test_independent_test_holds_its_folder_until_the_report_is_written(
                 holders.append(probe.read().strip())
         return independent_test(*args, **kwargs)
 
-    independent_test = jobs.independent_test
-    monkeypatch.setattr(jobs, "independent_test", tested_while_held)
+    independent_test = evaluate.independent_test
+    monkeypatch.setattr(evaluate, "independent_test", tested_while_held)
     held_out = make_tiny(tmp_path / "heldout", seed=1, other=0, samples=1)
     result = runner.invoke(
         app, ["test", "subcortex", "--params", str(params), "--test", str(held_out.train), "--max-epochs", "2"]

@@ -33,6 +33,23 @@ def test_nan_correlation_ranks_last():
     assert pair_ranks(corr, torch.tensor([0]), torch.tensor([0])).tolist() == [3]
 
 
+def test_ties_take_their_mean_rank():
+    nan = float("nan")
+    corr = torch.tensor([[0.5, nan, nan], [0.5, nan, 0.3], [0.9, nan, nan], [0.1, nan, nan]])
+    # mouse 0: h2 above, h0 and h1 tied for 2-3; mouse 1 (a constant mouse embedding): all four tied for 1-4;
+    # mouse 2: h1 first, h0, h2 and h3 (constant human embeddings) tied below it for 2-4
+    ranks = pair_ranks(corr, torch.tensor([0, 1, 3, 3]), torch.tensor([0, 0, 1, 2]))
+    assert ranks.tolist() == [2.5, 2.5, 2.5, 3.0]
+
+
+def test_a_dead_model_scores_chance_not_a_perfect_rank():
+    """A network whose last hidden layer is all zeros (ReLUs dead after a too-large learning rate) gives
+    constant embeddings: every correlation is NaN."""
+    human, mouse = torch.zeros(2, 5, 8), torch.zeros(2, 4, 8)
+    ranks = homology_rank(pearson(human, mouse), torch.tensor([0, 1, 2, 4]), torch.tensor([0, 1, 2, 3]))
+    assert ranks.tolist() == [3.0, 3.0], "chance for 5 human regions: (5 + 1) / 2"
+
+
 def test_pair_indices_and_raw_rank_on_identical_species_is_perfect():
     regions = ["a", "b", "c"]
     h_idx, m_idx = pair_indices(regions, regions, ["a", "b", "c"], ["a", "b", "c"])

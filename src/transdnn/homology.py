@@ -30,17 +30,22 @@ def pair_indices(
 def pair_ranks(corr: torch.Tensor, human_idx: torch.Tensor, mouse_idx: torch.Tensor) -> torch.Tensor:
     """1-based rank of each pair's human region among all human regions, by correlation with its mouse region.
 
-    A NaN correlation (a constant embedding) ranks below every number. Returns (..., pairs).
+    A NaN correlation (a constant embedding) ranks below every number. Regions that tie take their mean
+    rank, the expected one when the tie is broken at random: a mouse region with a constant embedding has
+    a whole column of NaNs, and a dead model then scores chance, not a perfect 1 that would make it the
+    best-rank checkpoint and the champion. Returns (..., pairs), float64.
     """
     corr = torch.nan_to_num(corr, nan=-torch.inf)
     columns = corr[..., :, mouse_idx]  # (..., H, P)
     paired = columns.gather(-2, human_idx.to(corr.device).view(*([1] * (corr.dim() - 2)), 1, -1).expand(*corr.shape[:-2], 1, -1))
-    return 1 + (columns > paired).sum(dim=-2)
+    above = (columns > paired).sum(dim=-2)
+    tied = (columns == paired).sum(dim=-2) - 1  # the paired region ties with itself
+    return 1 + above + tied.to(torch.float64) / 2
 
 
 def homology_rank(corr: torch.Tensor, human_idx: torch.Tensor, mouse_idx: torch.Tensor) -> torch.Tensor:
     """Mean homology rank over the pairs (lower is better; chance is about (H + 1) / 2)."""
-    return pair_ranks(corr, human_idx, mouse_idx).to(torch.float64).mean(dim=-1)
+    return pair_ranks(corr, human_idx, mouse_idx).mean(dim=-1)
 
 
 def raw_rank(human_means: np.ndarray, mouse_means: np.ndarray, human_idx: torch.Tensor, mouse_idx: torch.Tensor) -> float:

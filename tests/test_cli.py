@@ -495,3 +495,17 @@ def test_a_damaged_record_is_named_in_one_line_before_embed_writes(
     again = runner.invoke(app, ["train", "cortex", "--params", str(params), "--no-track", "--max-epochs", "1", "--resume"])
     assert again.exit_code == 0, again.output
     assert "trained before" not in again.stdout and json.loads((trained / "train.json").read_text())["epochs_run"] == [1, 1]
+
+
+def test_a_diverged_training_warns_and_is_not_promoted(params: Path, tracking_uri: str):
+    """A learning rate far too large makes every loss NaN from the first epoch: the training still ends (its
+    outputs record what happened), warns in one line per data set, and promote refuses its replicates,
+    whose models hold their initial weights."""
+    raw = yaml.safe_load(params.read_text())
+    raw["cortex"]["train"]["learning_rate"] = 1e12
+    params.write_text(yaml.safe_dump(raw))
+    result = runner.invoke(app, ["train", "cortex", "--params", str(params), "--max-epochs", "3"])
+    assert result.exit_code == 0, result.output
+    assert "warning: cortex/Integrated_dataset_0: replicates 0, 1 diverged" in result.stderr
+    promoted = runner.invoke(app, ["promote", "cortex", "--params", str(params)])
+    assert promoted.exit_code == 2 and "no replicate with a logged model and a finite validation loss" in promoted.stderr

@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 from conftest import TinyData, cli_ok, train_cortex, train_embed_cortex
 from transdnn.cli import app
 from transdnn.data import load_partition_inputs
-from transdnn.registry import candidates, promotion_reason
+from transdnn.registry import _candidate, candidates, promotion_reason
 
 runner = CliRunner()
 
@@ -406,3 +406,17 @@ def test_promotion_reason_names_a_few_runs_and_counts_many():
     assert promotion_reason("homology_rank", 10, ["a1", "b2"]) == "lowest homology_rank among 10 replicates of run(s) a1, b2"
     many = promotion_reason("valid_loss", 1000, [f"{i:032x}" for i in range(100)])
     assert many == "lowest valid_loss among 1000 replicates of 100 training runs"
+
+
+def test_a_replicate_without_a_finite_validation_loss_is_no_candidate(tracking_uri: str):
+    """A replicate that diverged in its first epoch logged the initial weights as its model; MLflow stores
+    its infinite best validation loss as the largest float."""
+    client = MlflowClient()
+    experiment = client.create_experiment("diverged")
+    found = []
+    for loss in (float("inf"), 0.5):
+        run = client.create_run(experiment, tags={"model_uri": "models:/m-0", "replicate": "0"})
+        client.log_metric(run.info.run_id, "chosen_homology_rank", 2.0)
+        client.log_metric(run.info.run_id, "best_valid_loss", loss)
+        found.append(_candidate(client.get_run(run.info.run_id)))
+    assert found[0] is None and found[1] is not None and found[1].valid_loss == 0.5

@@ -93,6 +93,23 @@ def test_early_stopping_fires_after_patience_without_improvement(params: Path, t
         assert row.best_valid_loss == pytest.approx(hist.valid_loss.min(), rel=1e-6)
 
 
+def test_a_diverged_replicate_stops_at_once_and_sets_no_best(params: Path, tiny: TinyData):
+    """Non-finite weights (what too large a learning rate leaves) never recover: the replicate stops in the
+    epoch its validation loss turns non-finite, no best is taken from it, and the summary says so. The
+    other replicate trains on, untouched."""
+    part, inputs, ts = _setup(params, tiny, max_epochs=8, patience=3, replicates=2)
+    trainer = Trainer(ts, inputs, part, torch.device("cpu"))
+    with torch.no_grad():
+        trainer.model.weights[1][1].fill_(float("nan"))
+    while not trainer.done:
+        trainer.step_epoch()
+    summary = trainer.result().summary
+    assert summary["diverged"].tolist() == [False, True]
+    assert summary["epochs_run"].tolist() == [8, 1] and summary["early_stopped"].tolist() == [False, False]
+    assert summary.loc[1, ["best_valid_epoch", "best_rank_epoch"]].tolist() == [-1, -1], "NaN weights are no best"
+    assert summary.loc[0, "best_valid_epoch"] >= 0 and np.isfinite(summary.loc[0, "best_valid_loss"])
+
+
 def test_stopped_replicates_leave_the_model_and_keep_their_last_weights(params: Path, tiny: TinyData):
     part, inputs, ts = _setup(params, tiny, learning_rate=5.0, max_epochs=40, patience=1, replicates=2)
     trainer = Trainer(ts, inputs, part, torch.device("cpu"))

@@ -266,7 +266,7 @@ def read_record(path: Path) -> dict[str, Any]:
     return record
 
 
-SUMMARY_FIELDS = ("epochs_run", "best_valid_loss", "best_valid_acc")  # what the CLI and embed read of a summary
+SUMMARY_FIELDS = ("epochs_run", "best_valid_loss", "best_valid_acc", "diverged")  # what the CLI and embed read of it
 
 
 def read_summary(path: Path) -> pd.DataFrame:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,7 +97,10 @@ def candidates(client: MlflowClient, run_ids: list[str], partition: str) -> list
     """Replicates with a logged model, from one or more training runs of the partition (one per training set)."""
     out = [c for run_id in run_ids for c in _run_candidates(client, run_id, partition)]
     if not out:
-        raise TrackingError(f"runs {', '.join(run_ids)}: no replicate with a logged model (expected a completed training)")
+        raise TrackingError(
+            f"runs {', '.join(run_ids)}: no replicate with a logged model and a finite validation loss "
+            "(expected a completed training that did not diverge)"
+        )
     return out
 
 
@@ -118,9 +122,13 @@ def _run_candidates(client: MlflowClient, run_id: str, partition: str) -> list[C
 
 
 def _candidate(run: Run) -> Candidate | None:
-    """A replicate's run as a candidate, with its exact metrics; None before it logged a model."""
+    """A replicate's run as a candidate, with its exact metrics; None before it logged a model, and None for
+    one that diverged before its first finite validation loss: its model holds its initial weights
+    (MLflow stores the infinite loss as the largest float)."""
     tags, metrics = run.data.tags, run.data.metrics
     if "model_uri" not in tags or "chosen_homology_rank" not in metrics:
+        return None
+    if not metrics["best_valid_loss"] < sys.float_info.max:
         return None
     return Candidate(
         run_id=run.info.run_id,

@@ -360,6 +360,7 @@ class TrainingRun:
                 "chosen_homology_rank": float(rank),
                 "epochs_run": row.epochs_run,
                 "early_stopped": float(row.early_stopped),
+                "diverged": float(row.diverged),
             }
             retry(
                 functools.partial(self.client.log_batch, child, metrics=[Metric(k, float(v), now, 0) for k, v in values.items()])

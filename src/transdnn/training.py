@@ -377,8 +377,11 @@ class Trainer:
         live = self.live.cpu()
         vl = torch.full((self.cfg.replicates,), torch.nan, dtype=torch.float64).index_copy_(0, live, valid_loss.double().cpu())
         rk = torch.full((self.cfg.replicates,), torch.nan, dtype=torch.float64).index_copy_(0, live, rank.double().cpu())
+        # A non-finite validation loss means non-finite weights: the replicate diverged, and no later epoch
+        # can recover it. It stops here, and its rank (of NaN embeddings) is no best.
+        finite = torch.isfinite(vl)
         better_loss = active & (vl <= self.best["valid_loss"])
-        better_rank = active & (rk <= self.best["homology_rank"])
+        better_rank = active & finite & (rk <= self.best["homology_rank"])
         self.best["valid_loss"] = torch.where(better_loss, vl, self.best["valid_loss"])
         self.best["homology_rank"] = torch.where(better_rank, rk, self.best["homology_rank"])
         self._snapshot("best_valid", better_loss)
@@ -403,7 +406,8 @@ class Trainer:
             }
         )
         self.rows.append(metrics)
-        stopping = torch.from_numpy(self.stale >= self.cfg.patience).to(self.device) & self.active
+        halted = (self.stale >= self.cfg.patience) | (active & ~finite).numpy()
+        stopping = torch.from_numpy(halted).to(self.device) & self.active
         self._retire(stopping)
         self.active &= ~stopping
         self.scheduler.step()
@@ -487,6 +491,8 @@ class Trainer:
             summary[["replicate", "best_valid_epoch"]].rename(columns={"best_valid_epoch": "epoch"}), on=["replicate", "epoch"]
         ).set_index("replicate")["valid_acc"]
         summary["best_valid_acc"] = summary["replicate"].map(valid_acc_at_best)
+        last = history.sort_values("epoch").groupby("replicate").tail(1).set_index("replicate")["valid_loss"]
+        summary["diverged"] = ~np.isfinite(summary["replicate"].map(last).to_numpy(dtype=np.float64))
         return TrainResult(
             regions=self.train_set.regions,
             genes=self.train_set.genes,

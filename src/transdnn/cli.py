@@ -259,7 +259,7 @@ def train_cmd(
             + (" (trained before; kept)" if o.trained_before else "")
             + (" (the killed training's state was of other settings, files or code: trained afresh)" if o.restarted else "")
         )
-        if diverged := [int(r) for r in o.summary.replicate[o.summary.diverged]]:
+        if diverged := [int(r) for r in o.summary.replicate[o.summary.diverged.astype(bool)]]:
             typer.echo(
                 f"warning: {partition}/{o.dataset}: replicate{'s' * (len(diverged) != 1)} {', '.join(map(str, diverged))} "
                 "diverged (a non-finite validation loss; stopped there, keeping the best epochs before it; promote skips a "

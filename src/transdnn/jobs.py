@@ -125,7 +125,7 @@ def _trained_before(
         summary = read_summary(layout.summary)
     except (OSError, InputError):  # a missing input (the loader names it) or a damaged record: train it again
         return None
-    if info.get("made_from") != made_from or info.get("history") != _files_digest(history):
+    if info.get("made_from") != made_from or info.get("history") != _files_digest(history) or "chosen_homology_rank" not in info:
         return None
     if tracker is not None and not (info.get("run_id") and tracker.finished(info["run_id"])):
         return None  # untracked before, or its run is not in this store: train it into this one

@@ -18,7 +18,7 @@ import torch
 
 from transdnn.atomic import AlternatingFile, write_json, write_with
 from transdnn.choices import Checkpoint
-from transdnn.errors import InputError
+from transdnn.errors import InputError, first_line
 from transdnn.model import StackedMLP
 
 
@@ -188,8 +188,7 @@ def load_tensors(path: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
-        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-        raise InputError(f"{path}: refused to load checkpoint ({reason}); expected plain tensors") from None
+        raise InputError(f"{path}: refused to load checkpoint ({first_line(exc)}); expected plain tensors") from None
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise InputError(f"{path}: checkpoint is not a dict of tensors (expected a transdnn checkpoint)")
     return obj
@@ -259,8 +258,9 @@ def read_record(path: Path) -> dict[str, Any]:
     try:
         record = json.loads(path.read_bytes())
     except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-        raise InputError(f"{path}: unreadable record ({reason}); expected the JSON object `transdnn train` wrote") from None
+        raise InputError(
+            f"{path}: unreadable record ({first_line(exc)}); expected the JSON object `transdnn train` wrote"
+        ) from None
     if not isinstance(record, dict):
         raise InputError(f"{path}: a JSON {type(record).__name__}, not an object (expected the record `transdnn train` wrote)")
     return record
@@ -275,8 +275,7 @@ def read_summary(path: Path) -> pd.DataFrame:
     try:
         frame = pd.read_csv(path)
     except (ValueError, OSError) as exc:  # pandas' EmptyDataError and ParserError are ValueErrors
-        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-        raise InputError(f"{path}: unreadable summary ({reason}); expected the CSV `transdnn train` wrote") from None
+        raise InputError(f"{path}: unreadable summary ({first_line(exc)}); expected the CSV `transdnn train` wrote") from None
     for field in SUMMARY_FIELDS:
         if field not in frame.columns or frame.empty or not pd.api.types.is_numeric_dtype(frame[field]):
             raise InputError(f"{path}: field '{field}' missing or not numeric (expected the CSV `transdnn train` wrote)")

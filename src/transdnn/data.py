@@ -20,7 +20,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from transdnn.cpus import usable_cpus
-from transdnn.errors import InputError
+from transdnn.errors import InputError, first_line
 
 if TYPE_CHECKING:
     from transdnn.settings import DataPaths, ModelSettings
@@ -132,7 +132,7 @@ def _read_csv(path: Path) -> pd.DataFrame:
     try:
         return pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: not a readable CSV ({str(exc).splitlines()[0]})") from None
+        raise InputError(f"{path}: not a readable CSV ({first_line(exc)})") from None
 
 
 @contextmanager
@@ -152,8 +152,7 @@ def _backed(path: Path) -> Iterator[ad.AnnData]:
 
 
 def _unreadable(path: Path, exc: Exception) -> InputError:
-    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return InputError(f"{path}: unreadable h5ad ({reason[:160]}); expected a complete anndata file")
+    return InputError(f"{path}: unreadable h5ad ({first_line(exc)}); expected a complete anndata file")
 
 
 def _region_ids(adata: ad.AnnData, path: Path) -> pd.Series:

@@ -23,3 +23,10 @@ class TrackingError(TransdnnError):
 
 class ResourceError(TransdnnError):
     """The device ran out of memory for the data set and model asked of it."""
+
+
+def first_line(exc: BaseException, limit: int = 160) -> str:
+    """What a library's exception says, fit for the one line of ours that wraps it: its first non-blank
+    line, capped, or its type where it says nothing (`str(exc).splitlines()[0]` fails on an empty message)."""
+    line = next((text for text in str(exc).splitlines() if text.strip()), "")
+    return line[:limit] if line else type(exc).__name__

@@ -11,7 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from transdnn.choices import CHECKPOINTS, PARTITIONS, Checkpoint, DropoutMode, Precision
-from transdnn.errors import ConfigError, InputError
+from transdnn.errors import ConfigError, InputError, first_line
 
 
 class _Strict(BaseModel):
@@ -240,7 +240,7 @@ def load_settings(path: str | Path = "params.yaml") -> Settings:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise ConfigError(f"{path}: not valid YAML ({first_line(exc)})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     try:

@@ -41,7 +41,7 @@ from mlflow.utils.uri import is_local_uri
 from packaging.version import Version
 
 import transdnn
-from transdnn.errors import TrackingError
+from transdnn.errors import TrackingError, first_line
 from transdnn.lineage import RunSpec
 from transdnn.settings import TrackingSettings
 
@@ -140,7 +140,7 @@ def load_model(uri: str) -> Any:
     try:
         return mlflow.pyfunc.load_model(uri).unwrap_python_model().model
     except MlflowException as exc:
-        raise TrackingError(f"{uri}: cannot load model ({str(exc).splitlines()[0][:160]})") from None
+        raise TrackingError(f"{uri}: cannot load model ({first_line(exc)})") from None
 
 
 def retry(call: Callable[[], T], attempts: int = 8, delay: float = 0.2) -> T:
@@ -476,7 +476,7 @@ class Tracker:
                 client = MlflowClient()
                 return client, ensure_experiment(client, self.experiment, self.project)
         except MlflowException as exc:
-            reason = str(exc).splitlines()[0][:200]
+            reason = first_line(exc, 200)
             raise TrackingError(
                 f"{shown(uri)}: the store refused the experiment {self.experiment!r} ({reason}); expected a store this "
                 "user may write to at tracking.uri or MLFLOW_TRACKING_URI"

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from transdnn.atomic import AlternatingFile
 from transdnn.choices import CHECKPOINTS, Checkpoint
 from transdnn.data import PartitionInputs, TrainingSet
-from transdnn.errors import InputError
+from transdnn.errors import InputError, first_line
 from transdnn.hardware import reuse_freed_memory
 from transdnn.homology import homology_rank, pair_indices, pearson
 from transdnn.model import StackedMLP, seeds_for
@@ -597,9 +597,7 @@ def load_state(path: Path, train_set: TrainingSet, settings: PartitionSettings) 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
-        raise InputError(
-            f"{path}: unusable resume state ({str(exc).splitlines()[0][:160]}); expected one written by `transdnn train`"
-        ) from None
+        raise InputError(f"{path}: unusable resume state ({first_line(exc)}); expected one written by `transdnn train`") from None
     expected = (settings.train.replicates, train_set.X.shape[1], settings.model.hidden_units[0])
     found = tuple(state["model"]["weights.0"].shape) if isinstance(state, dict) and "model" in state else None
     if found != expected:

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+STORE_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")  # where MLflow clients look for a store
 HUMAN = ["hA", "hB", "hC", "hD", "hE", "hF"]
 MOUSE = ["mA", "mB", "mC", "mD", "mE"]
 PAIRS = [("hA", "mA"), ("hB", "mB"), ("hC", "mC"), ("hD", "mD"), ("hA", "mE")]
@@ -136,8 +137,8 @@ def params(tmp_path: Path, tiny: TinyData) -> Path:
 def _no_outside_store(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """No test reaches the store the developer's shell names (MLFLOW_TRACKING_URI may be a shared server),
     and no test's store outlives it: MLflow's `set_tracking_uri` also sets that variable, for the process."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    for name in STORE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
     yield
     if (mlflow := sys.modules.get("mlflow")) is not None:
         mlflow.set_tracking_uri(None)  # the global, and the variable with it

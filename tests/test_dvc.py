@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, STORE_VARIABLES
 
 pytestmark = pytest.mark.slow
 
@@ -29,8 +29,7 @@ LOGGED = "src/transdnn/mlflow_model.py"  # not imported by the training: MLflow 
 def _sh(cwd: Path, *args: str, **env_extra: str) -> str:
     # the project's own store, never the one the developer's shell names (the module's fixture runs before
     # conftest's per-test guard)
-    outside = {"MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"}
-    env = {**{k: v for k, v in os.environ.items() if k not in outside}, "PYTHONWARNINGS": "ignore", **env_extra}
+    env = {**{k: v for k, v in os.environ.items() if k not in STORE_VARIABLES}, "PYTHONWARNINGS": "ignore", **env_extra}
     out = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, f"{' '.join(args)}\n{out.stdout}\n{out.stderr}"
     return out.stdout

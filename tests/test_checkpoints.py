@@ -7,10 +7,11 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 import torch
 
-from transdnn.checkpoints import RunLayout, StoredModel, load_model, require_checkpoint, save_model
+from transdnn.checkpoints import RunLayout, StoredModel, load_model, read_summary, require_checkpoint, save_model
 from transdnn.errors import InputError
 from transdnn.model import StackedMLP
 
@@ -70,3 +71,23 @@ def test_a_description_without_a_field_names_it(tmp_path: Path):
     layout = _saved(tmp_path, {k: v for k, v in META.items() if k != "genes"})
     with pytest.raises(InputError, match=r"its model description lacks field 'genes'"):
         require_checkpoint(layout, "best_valid")
+
+
+@pytest.mark.parametrize("field", ["replicate", "epochs_run", "best_valid_loss", "best_valid_acc", "diverged"])
+def test_a_summary_without_a_field_its_readers_use_is_refused(tmp_path: Path, field: str):
+    """The CLI prints a kept data set's replicates, epochs, loss and divergence; embed averages loss and accuracy."""
+    summary = pd.DataFrame(
+        {
+            "replicate": [0, 1],
+            "epochs_run": [3, 4],
+            "best_valid_loss": [0.2, 0.3],
+            "best_valid_acc": [0.9, 0.8],
+            "diverged": [False] * 2,
+        }
+    )
+    path = tmp_path / "train_summary.csv"
+    summary.to_csv(path, index=False)
+    assert read_summary(path).equals(summary)
+    summary.drop(columns=field).to_csv(path, index=False)
+    with pytest.raises(InputError, match=rf"train_summary.csv: field '{field}' missing or not numeric"):
+        read_summary(path)

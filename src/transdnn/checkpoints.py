@@ -266,7 +266,7 @@ def read_record(path: Path) -> dict[str, Any]:
     return record
 
 
-SUMMARY_FIELDS = ("epochs_run", "best_valid_loss", "best_valid_acc", "diverged")  # what the CLI and embed read of it
+SUMMARY_FIELDS = ("replicate", "epochs_run", "best_valid_loss", "best_valid_acc", "diverged")  # what the CLI and embed read
 
 
 def read_summary(path: Path) -> pd.DataFrame:

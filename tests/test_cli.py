@@ -13,13 +13,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 import yaml
 from typer.testing import CliRunner
 
-from conftest import TinyData, make_tiny
+from conftest import TinyData, cli_ok, make_tiny, train_cortex
 from transdnn.checkpoints import RunLayout, load_model
 from transdnn.cli import app
 
@@ -507,5 +508,36 @@ def test_a_diverged_training_warns_and_is_not_promoted(params: Path, tracking_ur
     result = runner.invoke(app, ["train", "cortex", "--params", str(params), "--max-epochs", "3"])
     assert result.exit_code == 0, result.output
     assert "warning: cortex/Integrated_dataset_0: replicates 0, 1 diverged" in result.stderr
+    assert "homology rank none (no trained replicate)" in result.stdout
     promoted = runner.invoke(app, ["promote", "cortex", "--params", str(params)])
-    assert promoted.exit_code == 2 and "no replicate with a logged model and a finite validation loss" in promoted.stderr
+    assert promoted.exit_code == 2 and "no replicate with a logged model and trained weights" in promoted.stderr
+    embedded = runner.invoke(app, ["embed", "cortex", "--params", str(params)])
+    assert embedded.exit_code == 2 and "best_valid.pt: no replicate has weights from an epoch with a finite" in embedded.stderr
+    assert not (params.parent / "runs" / "cortex" / "embed").exists(), "nothing is written"
+
+
+def test_embed_leaves_out_a_replicate_without_trained_weights_and_the_files_of_older_embeddings(params: Path, tmp_path: Path):
+    """A replicate that diverged before its first finite validation loss holds its initial weights (epoch
+    -1 in its checkpoint): embed leaves it out of the files, the ranks and the consensus, and says so. Files
+    an earlier embedding wrote for it, and for a data set no longer listed, go: they are of another model."""
+    train_cortex(params, "--no-track", "--replicates", "3", "--max-epochs", "2")
+    cli_ok(["embed", "cortex", "--params", str(params), "--no-track"])
+    root = tmp_path / "runs" / "cortex" / "embed"
+    (root / "Integrated_dataset_9" / "replicate_0").mkdir(parents=True)
+    layout = RunLayout(tmp_path / "runs" / "cortex", "Integrated_dataset_0")
+    tensors = torch.load(layout.checkpoint("best_valid"), weights_only=True)
+    tensors["epochs"][1] = -1
+    torch.save(tensors, layout.checkpoint("best_valid"))
+    result = runner.invoke(app, ["embed", "cortex", "--params", str(params), "--no-track"])
+    assert result.exit_code == 0, result.stderr
+    assert "warning: cortex/Integrated_dataset_0: 1 replicate left out of the embeddings and the consensus" in result.stderr
+    data_set = root / "Integrated_dataset_0"
+    assert sorted(p.name for p in data_set.glob("replicate_*")) == ["replicate_0", "replicate_2"]
+    assert not (root / "Integrated_dataset_9").exists()
+    metrics = json.loads((data_set / "metrics.json").read_text())
+    assert set(metrics["homology_rank"]) == {"0", "2"} and metrics["replicates_left_out"] == 1
+    kept = [pd.read_csv(data_set / f"replicate_{r}" / "correlation.csv", index_col=0) for r in (0, 2)]
+    consensus = pd.read_csv(data_set / "consensus_correlation.csv", index_col=0)
+    assert np.allclose(consensus.to_numpy(), (kept[0].to_numpy() + kept[1].to_numpy()) / 2)
+    pooled = json.loads((tmp_path / "runs" / "cortex" / "metrics.json").read_text())["all_data_sets"]
+    assert (pooled["models"], pooled["replicates_left_out"]) == (2, 1)

@@ -408,15 +408,17 @@ def test_promotion_reason_names_a_few_runs_and_counts_many():
     assert many == "lowest valid_loss among 1000 replicates of 100 training runs"
 
 
-def test_a_replicate_without_a_finite_validation_loss_is_no_candidate(tracking_uri: str):
-    """A replicate that diverged in its first epoch logged the initial weights as its model; MLflow stores
-    its infinite best validation loss as the largest float."""
+def test_a_replicate_without_trained_weights_in_its_chosen_checkpoint_is_no_candidate(tracking_uri: str):
+    """A replicate that diverged before its chosen checkpoint's first finite validation loss logged initial
+    (or, for `last`, non-finite) weights as its model: its chosen rank is NaN. Runs of older transdnn ranked
+    such initial weights; MLflow stores their infinite best validation loss as the largest float."""
     client = MlflowClient()
     experiment = client.create_experiment("diverged")
     found = []
-    for loss in (float("inf"), 0.5):
+    for rank, loss in ((2.0, float("inf")), (float("nan"), 0.5), (2.0, 0.5)):
         run = client.create_run(experiment, tags={"model_uri": "models:/m-0", "replicate": "0"})
-        client.log_metric(run.info.run_id, "chosen_homology_rank", 2.0)
+        client.log_metric(run.info.run_id, "chosen_homology_rank", rank)
         client.log_metric(run.info.run_id, "best_valid_loss", loss)
         found.append(_candidate(client.get_run(run.info.run_id)))
-    assert found[0] is None and found[1] is not None and found[1].valid_loss == 0.5
+    assert found[0] is None and found[1] is None
+    assert found[2] is not None and (found[2].rank, found[2].valid_loss) == (2.0, 0.5)

@@ -103,8 +103,13 @@ def test_a_diverged_replicate_stops_at_once_and_sets_no_best(params: Path, tiny:
         trainer.model.weights[1][1].fill_(float("nan"))
     while not trainer.done:
         trainer.step_epoch()
-    summary = trainer.result().summary
+    result = trainer.result()
+    summary = result.summary
     assert summary["diverged"].tolist() == [False, True]
+    epochs = {kind: result.checkpoint_epochs[kind].tolist() for kind in ("best_valid", "best_rank", "last")}
+    assert epochs == {"best_valid": [epochs["best_valid"][0], -1], "best_rank": [epochs["best_rank"][0], -1], "last": [7, -1]}, (
+        "no checkpoint of the diverged replicate holds an epoch's trained weights"
+    )
     assert summary["epochs_run"].tolist() == [8, 1] and summary["early_stopped"].tolist() == [False, False]
     assert summary.loc[1, ["best_valid_epoch", "best_rank_epoch"]].tolist() == [-1, -1], "NaN weights are no best"
     assert summary.loc[0, "best_valid_epoch"] >= 0 and np.isfinite(summary.loc[0, "best_valid_loss"])

@@ -137,7 +137,13 @@ class StoredModel:
     state: dict[str, torch.Tensor]  # parameter name -> (R, ...)
     scaler_mean: torch.Tensor  # (R, G)
     scaler_std: torch.Tensor  # (R, G)
-    epochs: torch.Tensor  # (R,) epoch each replicate's weights come from
+    epochs: torch.Tensor  # (R,) epoch each replicate's weights come from; -1: none with a finite validation loss
+
+    @property
+    def trained(self) -> list[int]:
+        """The replicates whose weights an epoch with a finite validation loss gave: the others hold their
+        initial weights (diverged before any such epoch) or non-finite ones (`last` of a diverged one)."""
+        return [int(r) for r in torch.nonzero(self.epochs >= 0).flatten()]
 
     @property
     def replicates(self) -> int:
@@ -237,7 +243,17 @@ def require_checkpoint(layout: RunLayout, kind: Checkpoint) -> None:
     """Checkpoint `kind` of a training written under `layout` must have been written, and fit its model
     description (checked for every data set before a job writes anything; the weights are mapped, not read)."""
     path = _written(layout, kind)
-    stored_from_tensors(load_tensors(path, mmap=True), read_record(layout.model_meta), path)
+    require_trained(stored_from_tensors(load_tensors(path, mmap=True), read_record(layout.model_meta), path), str(path))
+
+
+def require_trained(model: StoredModel, where: str) -> None:
+    """A model must hold at least one trained replicate: embeddings of initial or non-finite weights are
+    noise, not an answer."""
+    if not model.trained:
+        raise InputError(
+            f"{where}: no replicate has weights from an epoch with a finite validation loss (all {model.replicates} "
+            "diverged; expected a training that did not diverge: lower train.learning_rate)"
+        )
 
 
 def _written(layout: RunLayout, kind: Checkpoint) -> Path:

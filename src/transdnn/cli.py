@@ -254,7 +254,8 @@ def train_cmd(
     for o in outcomes:
         typer.echo(
             f"{partition}/{o.dataset}: {len(o.summary)} replicate{'s' * (len(o.summary) != 1)}, epochs {int(o.summary.epochs_run.min())}-{int(o.summary.epochs_run.max())}, "
-            f"best valid loss {o.summary.best_valid_loss.mean():.4f}, homology rank {o.chosen_ranks.mean():.2f}"
+            f"best valid loss {o.summary.best_valid_loss.mean():.4f}, homology rank "
+            + ("none (no trained replicate)" if o.chosen_rank_mean is None else f"{o.chosen_rank_mean:.2f}")
             + (f", run {o.run_id}" if o.run_id else "")
             + (" (trained before; kept)" if o.trained_before else "")
             + (" (the killed training's state was of other settings, files or code: trained afresh)" if o.restarted else "")
@@ -314,6 +315,13 @@ def embed(
             f"{label}: homology rank mean {m['homology_rank_mean']:.2f}, consensus {m['homology_rank_consensus']:.2f}, "
             f"raw expression {m['raw_homology_rank']:.2f} (chance {m['chance_homology_rank']:.1f})"
         )
+    for name, m in report["data_sets"].items():
+        if left_out := m["replicates_left_out"]:
+            typer.echo(
+                f"warning: {partition}/{name}: {left_out} replicate{'s' * (left_out != 1)} left out of the embeddings and the "
+                f"consensus: diverged, no {kind} weights from an epoch with a finite validation loss; lower train.learning_rate",
+                err=True,
+            )
 
 
 @app.command("test")

@@ -3,6 +3,7 @@ the consensus over replicates, and the metrics that say whether the model beat r
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,8 @@ from transdnn.homology import homology_rank, pair_indices, pearson, raw_rank
 
 @dataclass(frozen=True)
 class Embeddings:
+    replicates: list[int]  # the model's replicates embedded (its trained ones), in the order of the arrays below
+    left_out: list[int]  # the others: no weights from an epoch with a finite validation loss
     human_regions: list[str]
     mouse_regions: list[str]
     human: np.ndarray  # (R, H, D)
@@ -39,6 +42,11 @@ def embed_matrix(model: StoredModel, x: np.ndarray, device: torch.device) -> np.
 
 
 def embed_inputs(model: StoredModel, inputs: PartitionInputs, device: torch.device) -> Embeddings:
+    """Embed with the model's trained replicates only: one that diverged before a finite validation loss
+    holds its initial weights, whose embeddings would pull the consensus towards noise."""
+    trained, left_out = model.trained, [r for r in range(model.replicates) if r not in model.trained]
+    if left_out:
+        model = model.select(trained)
     n_h = len(inputs.human.regions)
     regions = np.concatenate([inputs.human.means, inputs.mouse.means])
     cols = gene_columns(model.meta["genes"], inputs.genes)
@@ -50,6 +58,8 @@ def embed_inputs(model: StoredModel, inputs: PartitionInputs, device: torch.devi
     corr = pearson(human, mouse)
     consensus = torch.nan_to_num(corr).mean(dim=0)
     return Embeddings(
+        replicates=trained,
+        left_out=left_out,
         human_regions=inputs.human.regions,
         mouse_regions=inputs.mouse.regions,
         human=emb[:, :n_h],
@@ -87,15 +97,18 @@ def _against_raw(consensus_rank: float, raw: float, n_human: int) -> dict[str, A
 
 
 def embed_metrics(emb: Embeddings, checkpoint: str, summary: pd.DataFrame | None) -> dict[str, Any]:
+    """Ranks and validation figures of the embedded replicates; `replicates_left_out` counts the others."""
     metrics: dict[str, Any] = {
         "checkpoint": checkpoint,
-        "homology_rank": {str(r): float(v) for r, v in enumerate(emb.ranks)},
+        "homology_rank": {str(r): float(v) for r, v in zip(emb.replicates, emb.ranks, strict=True)},
         "homology_rank_mean": float(np.mean(emb.ranks)),
+        "replicates_left_out": len(emb.left_out),
         **_against_raw(emb.consensus_rank, emb.raw_rank, len(emb.human_regions)),
     }
     if summary is not None:
-        metrics["best_valid_loss"] = float(summary["best_valid_loss"].mean())
-        metrics["best_valid_acc"] = float(summary["best_valid_acc"].mean())
+        embedded = summary[summary["replicate"].isin(emb.replicates)]
+        metrics["best_valid_loss"] = float(embedded["best_valid_loss"].mean())
+        metrics["best_valid_acc"] = float(embedded["best_valid_acc"].mean())
     return metrics
 
 
@@ -113,6 +126,7 @@ def pool_data_sets(
         "data_sets": len(per_set),
         "models": len(ranks),
         "homology_rank_mean": float(np.mean(ranks)),
+        "replicates_left_out": sum(one["replicates_left_out"] for one in per_set),
         **_against_raw(float(homology_rank(torch.from_numpy(pooled), h_idx, m_idx)), last.raw_rank, len(last.human_regions)),
     }
     for key in ("best_valid_loss", "best_valid_acc"):
@@ -123,13 +137,19 @@ def pool_data_sets(
 
 
 def write_embeddings(emb: Embeddings, layout: RunLayout, metrics: dict[str, Any]) -> list[str]:
-    """Per replicate: human/mouse embedding CSVs and the correlation; then consensus and metrics.json."""
+    """Per embedded replicate: human/mouse embedding CSVs and the correlation; then consensus and
+    metrics.json. Replicate folders of an earlier embedding that this one has not (a training with more
+    replicates, a replicate left out) are removed: they belong to another model."""
     written = []
-    for r in range(len(emb.ranks)):
+    for i, r in enumerate(emb.replicates):
         folder = layout.replicate_dir(r)
-        written.append(write_csv(folder / "human_embedding.csv", embedding_frame(emb.human[r], emb.human_regions)))
-        written.append(write_csv(folder / "mouse_embedding.csv", embedding_frame(emb.mouse[r], emb.mouse_regions)))
-        written.append(write_csv(folder / "correlation.csv", correlation_frame(emb.correlation[r], emb)))
+        written.append(write_csv(folder / "human_embedding.csv", embedding_frame(emb.human[i], emb.human_regions)))
+        written.append(write_csv(folder / "mouse_embedding.csv", embedding_frame(emb.mouse[i], emb.mouse_regions)))
+        written.append(write_csv(folder / "correlation.csv", correlation_frame(emb.correlation[i], emb)))
     written.append(write_csv(layout.consensus, correlation_frame(emb.consensus, emb)))
     written.append(write_json(layout.metrics, metrics))
+    current = {layout.replicate_dir(r) for r in emb.replicates}
+    for folder in layout.embed_dir.glob("replicate_*"):
+        if folder.is_dir() and folder not in current:
+            shutil.rmtree(folder)
     return [str(p) for p in written]

@@ -23,7 +23,16 @@ import pandas as pd
 import torch
 
 from transdnn.atomic import check_output_folder, output_folder, write_csv, write_json
-from transdnn.checkpoints import RunLayout, StoredModel, load_model, read_record, read_summary, require_checkpoint, save_model
+from transdnn.checkpoints import (
+    RunLayout,
+    StoredModel,
+    load_model,
+    read_record,
+    read_summary,
+    require_checkpoint,
+    require_trained,
+    save_model,
+)
 from transdnn.choices import Checkpoint
 from transdnn.data import (
     PartitionInputs,
@@ -67,6 +76,12 @@ class TrainOutcome:
     chosen_ranks: np.ndarray
     trained_before: bool = False  # --resume found it finished from the same settings, files and code
     restarted: bool = False  # --resume found a killed training of other settings, files or code: trained afresh
+
+    @property
+    def chosen_rank_mean(self) -> float | None:
+        """The mean homology rank of the replicates with trained weights in the chosen checkpoint; None: none has."""
+        ranks = self.chosen_ranks[np.isfinite(self.chosen_ranks)]
+        return float(ranks.mean()) if len(ranks) else None
 
 
 # Modules that parse the command line, name errors, record or draw a training's outputs elsewhere (MLflow),
@@ -129,7 +144,7 @@ def _trained_before(
         return None
     if tracker is not None and not (info.get("run_id") and tracker.finished(info["run_id"])):
         return None  # untracked before, or its run is not in this store: train it into this one
-    ranks = np.asarray(info["chosen_homology_rank"])
+    ranks = np.asarray(info["chosen_homology_rank"], dtype=np.float64)  # null: NaN
     return TrainOutcome(partition, layout.dataset, layout, info["run_id"], summary, ranks, True)
 
 
@@ -142,21 +157,32 @@ def _run_record(layout: RunLayout) -> dict[str, Any]:
         return {"made_from": None}
 
 
-def _clear(layout: RunLayout) -> None:
-    """Remove a data set's training and history folders, so a new training leaves no file of an older one
-    (a checkpoint kind or a replicate's history that the new settings no longer make)."""
-    for folder in (layout.train_root, layout.history_dir):
+def _trained(layout: RunLayout) -> tuple[Path, ...]:
+    """The folders a data set's training owns."""
+    return (layout.train_root, layout.history_dir)
+
+
+def _embedded(layout: RunLayout) -> tuple[Path, ...]:
+    """The folder a data set's embedding owns."""
+    return (layout.embed_dir,)
+
+
+def _clear(layout: RunLayout, owned: Callable[[RunLayout], tuple[Path, ...]] = _trained) -> None:
+    """Remove a data set's folders (by default its training's), so a new training leaves no file of an
+    older one (a checkpoint kind or a replicate's history that the new settings no longer make)."""
+    for folder in owned(layout):
         if folder.is_dir():
             shutil.rmtree(folder)
 
 
-def _drop_unlisted(out: Path, layouts: list[RunLayout]) -> None:
+def _drop_unlisted(out: Path, layouts: list[RunLayout], owned: Callable[[RunLayout], tuple[Path, ...]] = _trained) -> None:
     """Remove the outputs of data sets no longer listed: the DVC train stage owns `<out>/train` and
-    `<out>/history`, and keeps them between runs to keep the data sets trained before."""
+    `<out>/history`, and keeps them between runs to keep the data sets trained before; an embed job run
+    by hand leaves no embedding of a set it no longer embeds beside the pooled consensus of the others."""
     base = RunLayout(out, "")
-    found = {p.name for root in (base.train_root, base.history_dir) if root.is_dir() for p in root.iterdir() if p.is_dir()}
+    found = {p.name for root in owned(base) if root.is_dir() for p in root.iterdir() if p.is_dir()}
     for name in sorted(found - {layout.dataset for layout in layouts}):
-        _clear(RunLayout(out, name))
+        _clear(RunLayout(out, name), owned)
 
 
 def mean_curves(histories: list[pd.DataFrame]) -> pd.DataFrame:
@@ -295,7 +321,7 @@ def _train_data_set(
         stored = {kind: _stored(result, meta, kind, part.train.checkpoint_dtype) for kind in result.checkpoints}
         history_files = _save_training(result, layout, stored)
         chosen_model = stored[part.embed.checkpoint]
-        chosen = embed_inputs(chosen_model, inputs, device).ranks
+        chosen = _chosen_ranks(chosen_model, inputs, device)
         tracking = time.perf_counter()
         if run is not None:
             _track_training(run, result, meta, history_files, chosen, chosen_model, train_set.X[:EXAMPLE_ROWS])
@@ -307,7 +333,7 @@ def _train_data_set(
                 "dataset": layout.dataset,
                 "run_id": run.parent_id if run else None,
                 "checkpoint": part.embed.checkpoint,
-                "chosen_homology_rank": [float(x) for x in chosen],
+                "chosen_homology_rank": [None if np.isnan(x) else float(x) for x in chosen],
                 "made_from": made_from,
                 "history": _files_digest(history_files),
                 "epochs_run": [int(x) for x in result.summary["epochs_run"]],
@@ -323,6 +349,16 @@ def _train_data_set(
         layout.state.remove()  # finished: the resume state is no longer needed
     run_id = run.parent_id if run else None
     return TrainOutcome(partition, layout.dataset, layout, run_id, result.summary, chosen, restarted=restarted)
+
+
+def _chosen_ranks(model: StoredModel, inputs: PartitionInputs, device: torch.device) -> np.ndarray:
+    """Each replicate's homology rank with its chosen checkpoint; NaN for one without trained weights
+    there (diverged), which embed leaves out and promote skips."""
+    ranks = np.full(model.replicates, np.nan)
+    if model.trained:
+        emb = embed_inputs(model, inputs, device)
+        ranks[emb.replicates] = emb.ranks
+    return ranks
 
 
 def _track_training(
@@ -385,6 +421,7 @@ def embed_partition(
             write_json(layout.embed_info, {"data_set_seconds": finished - started, "track_seconds": finished - tracking})
             all_metrics[layout.dataset] = metrics
             consensus.append(emb.consensus)
+        _drop_unlisted(part.out, layouts, _embedded)
         pooled, pooled_metrics = pool_data_sets(consensus, list(all_metrics.values()), emb)
         job = RunLayout(part.out, "")
         pooled_frame = correlation_frame(pooled, emb)
@@ -440,7 +477,7 @@ def _track_embedding(
     run: Any, layout: RunLayout, emb: Any, inputs: PartitionInputs, metrics: dict[str, Any], folder: Path
 ) -> Path:
     """Log a data set's embeddings and figures to its training run; returns its heatmap, drawn in `folder`."""
-    for r in range(len(emb.ranks)):
+    for r in emb.replicates:
         replicate = layout.replicate_dir(r)
         run.log_artifacts(
             r, [replicate / "human_embedding.csv", replicate / "mouse_embedding.csv", replicate / "correlation.csv"], "embedding"
@@ -459,6 +496,7 @@ def embed_with_model(
     trained_on = model.meta.get("partition")
     if trained_on != partition:
         raise InputError(f"{uri}: a model of partition {trained_on!r} (expected one of {partition!r} to embed {partition})")
+    require_trained(model, uri)
     inputs = load_inputs(part.data)
     emb = embed_inputs(model, inputs, device)
     metrics = embed_metrics(emb, uri, None)

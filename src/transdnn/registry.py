@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -98,8 +99,8 @@ def candidates(client: MlflowClient, run_ids: list[str], partition: str) -> list
     out = [c for run_id in run_ids for c in _run_candidates(client, run_id, partition)]
     if not out:
         raise TrackingError(
-            f"runs {', '.join(run_ids)}: no replicate with a logged model and a finite validation loss "
-            "(expected a completed training that did not diverge)"
+            f"runs {', '.join(run_ids)}: no replicate with a logged model and trained weights (a finite validation loss) "
+            "in its chosen checkpoint (expected a completed training that did not diverge)"
         )
     return out
 
@@ -123,12 +124,13 @@ def _run_candidates(client: MlflowClient, run_id: str, partition: str) -> list[C
 
 def _candidate(run: Run) -> Candidate | None:
     """A replicate's run as a candidate, with its exact metrics; None before it logged a model, and None for
-    one that diverged before its first finite validation loss: its model holds its initial weights
-    (MLflow stores the infinite loss as the largest float)."""
+    one whose chosen checkpoint holds no trained weights (NaN rank: it diverged before that checkpoint's
+    first finite validation loss); runs of older transdnn ranked such initial weights, so a loss that was
+    never finite (MLflow stores it as the largest float) also rules one out."""
     tags, metrics = run.data.tags, run.data.metrics
     if "model_uri" not in tags or "chosen_homology_rank" not in metrics:
         return None
-    if not metrics["best_valid_loss"] < sys.float_info.max:
+    if not (math.isfinite(metrics["chosen_homology_rank"]) and metrics["best_valid_loss"] < sys.float_info.max):
         return None
     return Candidate(
         run_id=run.info.run_id,

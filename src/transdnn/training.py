@@ -64,7 +64,7 @@ class TrainResult:
     regions: list[str]
     genes: list[str]
     checkpoints: dict[Checkpoint, dict[str, torch.Tensor]]  # kept kind -> parameter name -> (R, ...) tensor
-    checkpoint_epochs: dict[Checkpoint, np.ndarray]  # kind -> epoch per replicate
+    checkpoint_epochs: dict[Checkpoint, np.ndarray]  # kind -> epoch per replicate (-1: no finite-loss epoch's weights)
     scaler_mean: torch.Tensor  # (R, G)
     scaler_std: torch.Tensor  # (R, G)
     history: pd.DataFrame  # one row per replicate-epoch
@@ -380,7 +380,7 @@ class Trainer:
         # A non-finite validation loss means non-finite weights: the replicate diverged, and no later epoch
         # can recover it. It stops here, and its rank (of NaN embeddings) is no best.
         finite = torch.isfinite(vl)
-        better_loss = active & (vl <= self.best["valid_loss"])
+        better_loss = active & finite & (vl <= self.best["valid_loss"])
         better_rank = active & finite & (rk <= self.best["homology_rank"])
         self.best["valid_loss"] = torch.where(better_loss, vl, self.best["valid_loss"])
         self.best["homology_rank"] = torch.where(better_rank, rk, self.best["homology_rank"])
@@ -390,6 +390,7 @@ class Trainer:
         self.best_epoch["best_valid"][better_loss.numpy()] = self.epoch
         self.best_epoch["best_rank"][better_rank.numpy()] = self.epoch
         self.best_epoch["last"][a] = self.epoch
+        self.best_epoch["last"][a & ~finite.numpy()] = -1  # a diverged replicate's last weights are no epoch's
         self.epochs_run[a] += 1
         self.stale[better_loss.numpy()] = 0
         self.stale[a & ~better_loss.numpy()] += 1

@@ -194,12 +194,19 @@ def test_embed_checkpoint_choice_changes_weights(params: Path, tmp_path: Path):
 
 
 def test_independent_test_writes_predictions_and_confusion(params: Path, tmp_path: Path):
+    """Predictions and a row-normalised confusion matrix per replicate, and no report of an earlier test
+    beside them: of a replicate or a data set the training no longer has."""
     held_out = make_tiny(tmp_path / "heldout", seed=1, other=0, samples=1)  # never split: one sample per region will do
+    reports = tmp_path / "runs" / "subcortex" / "independent_test" / "report"
+    for stale in (reports / "Integrated_dataset_0" / "replicate_7", reports / "Integrated_dataset_5" / "replicate_0"):
+        stale.mkdir(parents=True)
     result = runner.invoke(
         app, ["test", "subcortex", "--params", str(params), "--test", str(held_out.train), "--max-epochs", "25"]
     )
     assert result.exit_code == 0, result.stderr
-    folder = tmp_path / "runs" / "subcortex" / "independent_test" / "report" / "Integrated_dataset_0"
+    folder = reports / "Integrated_dataset_0"
+    assert [p.name for p in reports.iterdir()] == ["Integrated_dataset_0"]
+    assert sorted(p.name for p in folder.glob("replicate_*")) == ["replicate_0", "replicate_1"]
     conf = pd.read_csv(folder / "replicate_0" / "confusion_matrix.csv", index_col=0)
     assert conf.shape == (6, 6)
     assert conf.sum(axis=1).round(6).eq(1).all()

@@ -9,6 +9,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -140,6 +141,14 @@ def _remove_made(lock: Path, existing: Path) -> None:
         while folder != existing:
             folder.rmdir()
             folder = folder.parent
+
+
+def remove_others(folder: Path, pattern: str, kept: set[Path]) -> None:
+    """Remove the subfolders of `folder` matching `pattern` that are not `kept`: per-replicate folders an
+    earlier run wrote for a replicate this one has not, which belong to another model."""
+    for other in folder.glob(pattern):
+        if other.is_dir() and other not in kept:
+            shutil.rmtree(other)
 
 
 def write_with(path: str | Path, writer: Callable[[Path], Any], durable: bool = True) -> Path:

@@ -103,6 +103,11 @@ class RunLayout:
         return self.embed_dir / "metrics.json"
 
     @property
+    def report_dir(self) -> Path:
+        """The independent test's report on this data set's training."""
+        return self.out / "report" / self.dataset
+
+    @property
     def consensus(self) -> Path:
         """The consensus correlation over the data set's replicates; for the partition's layout (no data set
         name), over every model of every data set of the job."""

@@ -3,7 +3,6 @@ the consensus over replicates, and the metrics that say whether the model beat r
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,7 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from transdnn.atomic import write_csv, write_json
+from transdnn.atomic import remove_others, write_csv, write_json
 from transdnn.checkpoints import RunLayout, StoredModel
 from transdnn.data import PartitionInputs, gene_columns
 from transdnn.homology import homology_rank, pair_indices, pearson, raw_rank
@@ -148,8 +147,5 @@ def write_embeddings(emb: Embeddings, layout: RunLayout, metrics: dict[str, Any]
         written.append(write_csv(folder / "correlation.csv", correlation_frame(emb.correlation[i], emb)))
     written.append(write_csv(layout.consensus, correlation_frame(emb.consensus, emb)))
     written.append(write_json(layout.metrics, metrics))
-    current = {layout.replicate_dir(r) for r in emb.replicates}
-    for folder in layout.embed_dir.glob("replicate_*"):
-        if folder.is_dir() and folder not in current:
-            shutil.rmtree(folder)
+    remove_others(layout.embed_dir, "replicate_*", {layout.replicate_dir(r) for r in emb.replicates})
     return [str(p) for p in written]

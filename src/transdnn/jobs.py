@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from transdnn.atomic import check_output_folder, output_folder, write_csv, write_json
+from transdnn.atomic import check_output_folder, output_folder, remove_others, write_csv, write_json
 from transdnn.checkpoints import (
     RunLayout,
     StoredModel,
@@ -165,6 +165,11 @@ def _trained(layout: RunLayout) -> tuple[Path, ...]:
 def _embedded(layout: RunLayout) -> tuple[Path, ...]:
     """The folder a data set's embedding owns."""
     return (layout.embed_dir,)
+
+
+def _reported(layout: RunLayout) -> tuple[Path, ...]:
+    """The folder an independent test's report on a data set owns."""
+    return (layout.report_dir,)
 
 
 def _clear(layout: RunLayout, owned: Callable[[RunLayout], tuple[Path, ...]] = _trained) -> None:
@@ -531,15 +536,17 @@ def test_partition(
         report: dict[str, Any] = {}
         for outcome in outcomes:
             result = independent_test(load_model(outcome.layout, part.embed.checkpoint), test_set, device)
-            folder = outcome.layout.out / "report" / outcome.dataset
+            folder = outcome.layout.report_dir
             for r, (pred, conf) in enumerate(zip(result.predictions, result.confusion, strict=True)):
                 write_csv(folder / f"replicate_{r}" / "predictions.csv", pred, index=False)
                 write_csv(folder / f"replicate_{r}" / "confusion_matrix.csv", conf)
+            remove_others(folder, "replicate_*", {folder / f"replicate_{r}" for r in range(len(result.accuracy))})
             report[outcome.dataset] = {
                 "accuracy": {str(r): float(a) for r, a in enumerate(result.accuracy)},
                 "accuracy_mean": float(result.accuracy.mean()),
             }
             write_json(folder / "test_metrics.json", report[outcome.dataset])
+        _drop_unlisted(part.out, [outcome.layout for outcome in outcomes], _reported)
         return report
 
 

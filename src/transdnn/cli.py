@@ -316,12 +316,16 @@ def embed(
             f"raw expression {m['raw_homology_rank']:.2f} (chance {m['chance_homology_rank']:.1f})"
         )
     for name, m in report["data_sets"].items():
-        if left_out := m["replicates_left_out"]:
-            typer.echo(
-                f"warning: {partition}/{name}: {left_out} replicate{'s' * (left_out != 1)} left out of the embeddings and the "
-                f"consensus: diverged, no {kind} weights from an epoch with a finite validation loss; lower train.learning_rate",
-                err=True,
-            )
+        _warn_left_out(f"{partition}/{name}", m["replicates_left_out"], "the embeddings and the consensus")
+
+
+def _warn_left_out(label: str, left_out: int, of: str) -> None:
+    if left_out:
+        typer.echo(
+            f"warning: {label}: {left_out} replicate{'s' * (left_out != 1)} left out of {of}: diverged, no weights from an "
+            "epoch with a finite validation loss in the checkpoint; lower train.learning_rate",
+            err=True,
+        )
 
 
 @app.command("test")
@@ -346,6 +350,7 @@ def test_cmd(
     report = _run(test_partition, partition, part, test, dev)
     for dataset, r in report.items():
         typer.echo(f"{partition}/{dataset}: independent test accuracy {r['accuracy_mean']:.4f}")
+        _warn_left_out(f"{partition}/{dataset}", r["replicates_left_out"], "the test")
 
 
 @app.command()

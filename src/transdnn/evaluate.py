@@ -16,6 +16,7 @@ from transdnn.errors import InputError
 
 @dataclass(frozen=True)
 class TestReport:
+    replicates: list[int]  # the model's trained replicates, which the lists below are of
     predictions: list[pd.DataFrame]  # per replicate: gt, pred (region names)
     accuracy: np.ndarray  # (R,)
     confusion: list[pd.DataFrame]  # per replicate, rows sum to 1
@@ -40,8 +41,12 @@ def check_test_regions(test: TrainingSet, regions: list[str]) -> None:
 
 @torch.no_grad()
 def independent_test(model: StoredModel, test: TrainingSet, device: torch.device, chunk: int = 4096) -> TestReport:
-    """Classify every test row with each replicate (through its training scaler)."""
+    """Classify every test row with each trained replicate (through its training scaler); one that diverged
+    before a finite validation loss holds no trained weights, and its accuracy would be chance's."""
     regions = model.meta["regions"]
+    trained = model.trained
+    if len(trained) < model.replicates:
+        model = model.select(trained)
     check_test_regions(test, regions)
     code = {r: i for i, r in enumerate(regions)}
     gt = np.array([code[test.regions[label]] for label in test.labels])
@@ -54,6 +59,7 @@ def independent_test(model: StoredModel, test: TrainingSet, device: torch.device
     pred = np.concatenate(preds, axis=1)
     names = np.array(regions)
     return TestReport(
+        replicates=trained,
         predictions=[pd.DataFrame({"gt": names[gt], "pred": names[p]}) for p in pred],
         accuracy=(pred == gt).mean(axis=1),
         confusion=[pd.DataFrame(confusion_matrix(gt, p, len(regions)), index=regions, columns=regions) for p in pred],

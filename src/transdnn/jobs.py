@@ -535,15 +535,18 @@ def test_partition(
         )
         report: dict[str, Any] = {}
         for outcome in outcomes:
-            result = independent_test(load_model(outcome.layout, part.embed.checkpoint), test_set, device)
+            model = load_model(outcome.layout, part.embed.checkpoint)
+            require_trained(model, str(outcome.layout.checkpoint(part.embed.checkpoint)))
+            result = independent_test(model, test_set, device)
             folder = outcome.layout.report_dir
-            for r, (pred, conf) in enumerate(zip(result.predictions, result.confusion, strict=True)):
+            for r, pred, conf in zip(result.replicates, result.predictions, result.confusion, strict=True):
                 write_csv(folder / f"replicate_{r}" / "predictions.csv", pred, index=False)
                 write_csv(folder / f"replicate_{r}" / "confusion_matrix.csv", conf)
-            remove_others(folder, "replicate_*", {folder / f"replicate_{r}" for r in range(len(result.accuracy))})
+            remove_others(folder, "replicate_*", {folder / f"replicate_{r}" for r in result.replicates})
             report[outcome.dataset] = {
-                "accuracy": {str(r): float(a) for r, a in enumerate(result.accuracy)},
+                "accuracy": {str(r): float(a) for r, a in zip(result.replicates, result.accuracy, strict=True)},
                 "accuracy_mean": float(result.accuracy.mean()),
+                "replicates_left_out": model.replicates - len(result.replicates),
             }
             write_json(folder / "test_metrics.json", report[outcome.dataset])
         _drop_unlisted(part.out, [outcome.layout for outcome in outcomes], _reported)

@@ -304,6 +304,18 @@ def test_synth_is_deterministic_by_seed(tmp_path: Path, params: Path):
     assert len(genes) == 5063
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "expected"),
+    [("--samples-per-region", "1", "greater than or equal to 2"), ("--cells-per-sample", "0", "greater than 0")],
+)
+def test_a_synth_option_out_of_bounds_is_named_in_one_line(tmp_path: Path, params: Path, option: str, value: str, expected: str):
+    result = runner.invoke(app, ["synth", "--params", str(params), "--out", str(tmp_path / "s"), option, value])
+    field = option.removeprefix("--").replace("-", "_")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == f"error: option '{field}': Input should be {expected} (got {value})"
+    assert not (tmp_path / "s").exists()
+
+
 def test_the_progress_bar_fills_when_the_job_finishes_and_stays_where_a_failed_one_stopped():
     """Replicates that stop early leave replicate-epochs that never run; a finished job still ends at 100 %."""
     from transdnn.cli import _Progress

@@ -156,12 +156,18 @@ def synth(
     cells_per_sample: Annotated[int | None, typer.Option(help="Cells per sample in the training set.")] = None,
 ) -> None:
     """Write the embedded default inputs (both partitions) at the real shapes."""
-    from transdnn.settings import SynthSettings
+    from transdnn.settings import override
     from transdnn.synth import synthesize
 
-    cfg = _settings(params).synth
-    updates = {"out": out, "seed": seed, "samples_per_region": samples_per_region, "cells_per_sample": cells_per_sample}
-    cfg = _run(lambda: SynthSettings.model_validate({**cfg.model_dump(), **{k: v for k, v in updates.items() if v is not None}}))
+    cfg = _run(
+        override,
+        _settings(params).synth,
+        None,
+        out=out,
+        seed=seed,
+        samples_per_region=samples_per_region,
+        cells_per_sample=cells_per_sample,
+    )
     for paths in _run(synthesize, cfg, PARTITIONS):
         typer.echo(f"{paths.partition}: wrote {paths.root / paths.partition}")
 

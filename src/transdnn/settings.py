@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -249,15 +249,22 @@ def load_settings(path: str | Path = "params.yaml") -> Settings:
         raise _first_error(path, err) from None
 
 
-def override(part: PartitionSettings, section: str, **values: Any) -> PartitionSettings:
-    """Return `part` with the non-None `values` replacing fields of `section`, re-validated."""
+Section = TypeVar("Section", bound=BaseModel)
+
+
+def override(settings: Section, section: str | None, **values: Any) -> Section:
+    """Return `settings` with the non-None `values` (command-line options) replacing fields of `section`
+    (None: of `settings` itself), re-validated: a value out of bounds is named in one line."""
     updates = {k: v for k, v in values.items() if v is not None}
     if not updates:
-        return part
-    dumped = part.model_dump()
-    dumped[section] = {**dumped[section], **updates}
+        return settings
+    dumped = settings.model_dump()
+    if section is None:
+        dumped.update(updates)
+    else:
+        dumped[section] = {**dumped[section], **updates}
     try:
-        return PartitionSettings.model_validate(dumped)
+        return type(settings).model_validate(dumped)
     except ValidationError as err:
         first = err.errors()[0]
         field = ".".join(str(p) for p in first["loc"])

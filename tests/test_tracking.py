@@ -279,6 +279,46 @@ def test_embed_of_a_training_the_store_lacks_exits_2(
     assert not (tmp_path / "runs" / "cortex" / "embed").exists()
 
 
+def test_a_training_run_deleted_in_the_store_is_never_logged_to_and_is_trained_again(
+    params: Path, tracking_uri: str, tmp_path: Path
+):
+    """A run deleted in the MLflow UI is in the store's trash: embed and promote refuse it in one line
+    (MLflow itself raised "must be in the 'active' state" from embed), and `train --resume`, which the DVC
+    stage runs, no longer keeps its data set but trains it into a new run."""
+    run_id = train_cortex(params, "--max-epochs", "1")
+    MlflowClient(tracking_uri).delete_run(run_id)
+    deleted = (
+        f"error: run {run_id}: deleted in the MLflow store (expected an active run: `mlflow runs restore --run-id {run_id}`, "
+        "or `transdnn train PARTITION --resume` trains its data set again)"
+    )
+    for command in (["embed", "cortex"], ["promote", "cortex", "--run-id", run_id]):
+        result = runner.invoke(app, [*command, "--params", str(params)])
+        assert (result.exit_code, result.stderr.strip()) == (2, deleted), command
+    assert not (tmp_path / "runs" / "cortex" / "embed").exists()
+    out = cli_ok(["train", "cortex", "--params", str(params), "--max-epochs", "1", "--resume"])
+    assert "trained before; kept" not in out
+    layout = RunLayout(tmp_path / "runs" / "cortex", "Integrated_dataset_0")
+    assert json.loads(layout.train_info.read_text())["run_id"] != run_id
+    cli_ok(["embed", "cortex", "--params", str(params)])
+
+
+def test_a_killed_training_whose_run_the_store_no_longer_holds_is_trained_afresh(params: Path, tracking_uri: str, tmp_path: Path):
+    """Its metrics went with the deleted run (or stayed in another store): continuing it in a new run would
+    record only the epochs after the kill, so it is trained afresh, and says why."""
+    from transdnn.jobs import _restart_reason
+    from transdnn.tracking import Tracker
+
+    run_id = train_cortex(params, "--max-epochs", "1")
+    tracker = Tracker("transdnn", tmp_path)
+    assert _restart_reason({"made_from": "m", "run_id": run_id}, "m", tracker) is None
+    assert _restart_reason({"made_from": "other", "run_id": run_id}, "m", tracker) == "of other settings, files or code"
+    MlflowClient(tracking_uri).delete_run(run_id)
+    for gone in (run_id, "0" * 32):
+        reason = _restart_reason({"made_from": "m", "run_id": gone}, "m", tracker)
+        assert reason == f"recorded in MLflow run {gone}, which this store no longer holds (deleted, or another store)"
+    assert _restart_reason({"made_from": "m", "run_id": None}, "m", tracker) is None, "an untracked one is resumed"
+
+
 @pytest.mark.parametrize("command", [["train", "cortex"], ["registry", "show"]])
 def test_no_server_at_the_tracking_uri_exits_2(
     command: list[str], params: Path, tracking_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -264,7 +264,7 @@ def train_cmd(
             + ("none (no trained replicate)" if o.chosen_rank_mean is None else f"{o.chosen_rank_mean:.2f}")
             + (f", run {o.run_id}" if o.run_id else "")
             + (" (trained before; kept)" if o.trained_before else "")
-            + (" (the killed training's state was of other settings, files or code: trained afresh)" if o.restarted else "")
+            + (f" (the killed training's state was {o.restarted}: trained afresh)" if o.restarted else "")
         )
         if diverged := [int(r) for r in o.summary.replicate[o.summary.diverged.astype(bool)]]:
             typer.echo(

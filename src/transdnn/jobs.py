@@ -75,7 +75,7 @@ class TrainOutcome:
     summary: pd.DataFrame
     chosen_ranks: np.ndarray
     trained_before: bool = False  # --resume found it finished from the same settings, files and code
-    restarted: bool = False  # --resume found a killed training of other settings, files or code: trained afresh
+    restarted: str | None = None  # why --resume trained a killed training afresh ("of other settings, ...")
 
     @property
     def chosen_rank_mean(self) -> float | None:
@@ -146,6 +146,18 @@ def _trained_before(
         return None  # untracked before, or its run is not in this store: train it into this one
     ranks = np.asarray(info["chosen_homology_rank"], dtype=np.float64)  # null: NaN
     return TrainOutcome(partition, layout.dataset, layout, info["run_id"], summary, ranks, True)
+
+
+def _restart_reason(record: dict[str, Any], made_from: str, tracker: Any | None) -> str | None:
+    """Why a killed training is not continued, or None: one of other settings, files or code, or one whose
+    MLflow run this store no longer holds (deleted, or recorded in another store) is trained afresh. A
+    record without "made_from" was written before transdnn kept it: that one is resumed as asked."""
+    if record.get("made_from", made_from) != made_from:
+        return "of other settings, files or code"
+    run_id = record.get("run_id")
+    if tracker is not None and run_id and not tracker.resumable(run_id):
+        return f"recorded in MLflow run {run_id}, which this store no longer holds (deleted, or another store)"
+    return None
 
 
 def _run_record(layout: RunLayout) -> dict[str, Any]:
@@ -309,10 +321,8 @@ def _train_data_set(
     )
     current = layout.state.current() if resume else None
     record = _run_record(layout) if current is not None and layout.run_record.is_file() else {}
-    # a killed training of other settings, files or code is not continued; a record without "made_from"
-    # was written before transdnn kept it: that one is resumed as asked
-    restarted = record.get("made_from", made_from) != made_from
-    resume_from = load_state(current, train_set, part) if current is not None and not restarted else None
+    restarted = _restart_reason(record, made_from, tracker) if current is not None else None
+    resume_from = load_state(current, train_set, part) if current is not None and restarted is None else None
     resume_id = record.get("run_id") if resume_from is not None else None
     ctx = tracker.training(spec, resume_id) if tracker else nullcontext()
     with ctx as run:  # the older training's outputs go only once the store has opened this one's run

@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 
 from transdnn.errors import TrackingError
 from transdnn.lineage import RANKED_ON
-from transdnn.tracking import PARENT_ROLE, ROLE_TAG, input_digests, reader, retry, store_lock
+from transdnn.tracking import PARENT_ROLE, ROLE_TAG, input_digests, reader, refuse_deleted, retry, store_lock
 
 CHAMPION = "champion"
 PREVIOUS = "previous"
@@ -107,7 +107,7 @@ def candidates(client: MlflowClient, run_ids: list[str], partition: str) -> list
 
 def _run_candidates(client: MlflowClient, run_id: str, partition: str) -> list[Candidate]:
     try:
-        parent = client.get_run(run_id)
+        parent = refuse_deleted(client.get_run(run_id))
     except MlflowException:
         raise TrackingError(f"run {run_id}: not found (expected a training run id)") from None
     tags = parent.data.tags

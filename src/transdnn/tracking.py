@@ -30,7 +30,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import yaml
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, Run
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, Run, ViewType
 from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
 from mlflow.exceptions import MlflowException
 from mlflow.models.signature import ModelSignature
@@ -299,6 +299,17 @@ def model_signature(genes: list[str]) -> ModelSignature:
         inputs=Schema([ColSpec(DataType.double, gene) for gene in genes]),
         params=ParamSchema([ParamSpec("output", DataType.string, "embedding")]),
     )
+
+
+def refuse_deleted(run: Run) -> Run:
+    """A run deleted in the MLflow UI (or by `mlflow runs delete`) is in the store's trash: nothing is
+    logged to it or registered from it."""
+    if run.info.lifecycle_stage != "active":
+        raise TrackingError(
+            f"run {run.info.run_id}: deleted in the MLflow store (expected an active run: `mlflow runs restore --run-id "
+            f"{run.info.run_id}`, or `transdnn train PARTITION --resume` trains its data set again)"
+        )
+    return run
 
 
 class TrainingRun:
@@ -584,20 +595,31 @@ class Tracker:
     def reopen(self, run_id: str) -> TrainingRun:
         """The run of an earlier training (for embed): its children in replicate order."""
         try:
-            parent = self.client.get_run(run_id)
+            parent = refuse_deleted(self.client.get_run(run_id))
         except MlflowException:
             raise TrackingError(
                 f"run {run_id}: not found in {shown(mlflow.get_tracking_uri())} (expected a training run id)"
             ) from None
-        found = self.client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'", max_results=1000)
-        kids = sorted(found, key=lambda k: int(k.data.tags["replicate"]))
+        found = self.client.search_runs(
+            [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'", ViewType.ALL, max_results=1000
+        )
+        kids = sorted(map(refuse_deleted, found), key=lambda k: int(k.data.tags["replicate"]))
         return TrainingRun(self.client, run_id, [k.info.run_id for k in kids])
 
-    def finished(self, run_id: str) -> bool:
-        """Whether `run_id` is a finished run of this store and experiment: a training kept from before
-        must have its run where embed and promote will look for it."""
+    def _held(self, run_id: str) -> Run | None:
+        """The run, where this store and experiment hold it and it is not deleted."""
         try:
             run = self.client.get_run(run_id)
         except MlflowException:
-            return False
-        return run.info.experiment_id == self.experiment_id and run.info.status == "FINISHED"
+            return None
+        return run if run.info.experiment_id == self.experiment_id and run.info.lifecycle_stage == "active" else None
+
+    def finished(self, run_id: str) -> bool:
+        """Whether `run_id` is a finished run of this store and experiment, not deleted: a training kept
+        from before must have its run where embed and promote will look for it."""
+        run = self._held(run_id)
+        return run is not None and run.info.status == "FINISHED"
+
+    def resumable(self, run_id: str) -> bool:
+        """Whether a killed training's run can be continued: this store and experiment hold it, not deleted."""
+        return self._held(run_id) is not None

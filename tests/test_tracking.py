@@ -302,6 +302,21 @@ def test_a_training_run_deleted_in_the_store_is_never_logged_to_and_is_trained_a
     cli_ok(["embed", "cortex", "--params", str(params)])
 
 
+def test_a_training_into_an_experiment_deleted_in_the_store_exits_2_before_writing(
+    params: Path, tracking_uri: str, tmp_path: Path
+):
+    client = MlflowClient(tracking_uri)
+    experiment = client.create_experiment("transdnn")
+    client.delete_experiment(experiment)
+    result = runner.invoke(app, ["train", "cortex", "--params", str(params), "--max-epochs", "1"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == (
+        f"error: experiment 'transdnn': deleted in the MLflow store (expected an active experiment: "
+        f"`mlflow experiments restore --experiment-id {experiment}`, or another tracking.experiment in params.yaml)"
+    )
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_killed_training_whose_run_the_store_no_longer_holds_is_trained_afresh(params: Path, tracking_uri: str, tmp_path: Path):
     """Its metrics went with the deleted run (or stayed in another store): continuing it in a new run would
     record only the epochs after the kill, so it is trained afresh, and says why."""

@@ -30,7 +30,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import yaml
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, Run, ViewType
+from mlflow.entities import Dataset, DatasetInput, Experiment, InputTag, Metric, Param, Run, ViewType
 from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
 from mlflow.exceptions import MlflowException
 from mlflow.models.signature import ModelSignature
@@ -181,7 +181,7 @@ def ensure_experiment(client: MlflowClient, name: str, project: Path) -> str:
     """Get or create the experiment, race-free; artifacts go beside the store, at an absolute path."""
     found = retry(lambda: client.get_experiment_by_name(name))
     if found is not None:
-        return found.experiment_id
+        return _active_experiment(found)
     location = None
     if mlflow.get_tracking_uri().startswith("sqlite:"):
         location = (project_home(project) / "mlartifacts").as_uri()
@@ -191,7 +191,18 @@ def ensure_experiment(client: MlflowClient, name: str, project: Path) -> str:
         found = client.get_experiment_by_name(name)
         if found is None:
             raise
-        return found.experiment_id
+        return _active_experiment(found)
+
+
+def _active_experiment(experiment: Experiment) -> str:
+    """The id of an experiment runs may go to: one deleted in the MLflow UI holds its name in the trash,
+    and MLflow refuses every run in it."""
+    if experiment.lifecycle_stage != "active":
+        raise TrackingError(
+            f"experiment {experiment.name!r}: deleted in the MLflow store (expected an active experiment: "
+            f"`mlflow experiments restore --experiment-id {experiment.experiment_id}`, or another tracking.experiment in params.yaml)"
+        )
+    return str(experiment.experiment_id)
 
 
 def input_digests(run: Run) -> dict[str, str]:

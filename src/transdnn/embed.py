@@ -43,7 +43,8 @@ def embed_matrix(model: StoredModel, x: np.ndarray, device: torch.device) -> np.
 def embed_inputs(model: StoredModel, inputs: PartitionInputs, device: torch.device) -> Embeddings:
     """Embed with the model's trained replicates only: one that diverged before a finite validation loss
     holds its initial weights, whose embeddings would pull the consensus towards noise."""
-    trained, left_out = model.trained, [r for r in range(model.replicates) if r not in model.trained]
+    trained = model.trained
+    left_out = [r for r in range(model.replicates) if r not in trained]
     if left_out:
         model = model.select(trained)
     n_h = len(inputs.human.regions)

@@ -194,8 +194,8 @@ def _clear(layout: RunLayout, owned: Callable[[RunLayout], tuple[Path, ...]] = _
 
 def _drop_unlisted(out: Path, layouts: list[RunLayout], owned: Callable[[RunLayout], tuple[Path, ...]] = _trained) -> None:
     """Remove the outputs of data sets no longer listed: the DVC train stage owns `<out>/train` and
-    `<out>/history`, and keeps them between runs to keep the data sets trained before; an embed job run
-    by hand leaves no embedding of a set it no longer embeds beside the pooled consensus of the others."""
+    `<out>/history`, and keeps them between runs to keep the data sets trained before; an embed or test
+    job run by hand leaves no embedding or report of a set it no longer has beside those of the others."""
     base = RunLayout(out, "")
     found = {p.name for root in owned(base) if root.is_dir() for p in root.iterdir() if p.is_dir()}
     for name in sorted(found - {layout.dataset for layout in layouts}):

@@ -54,6 +54,13 @@ class Candidate:
     def figures(self) -> str:
         return f"homology rank {self.rank:.4f}, valid loss {self.valid_loss:.5f}"
 
+    @property
+    def trained(self) -> bool:
+        """Whether its chosen checkpoint holds trained weights: a NaN rank says it diverged before that
+        checkpoint's first finite validation loss; runs of older transdnn ranked such initial weights, so a
+        loss that was never finite (MLflow stores it as the largest float) says so too."""
+        return math.isfinite(self.rank) and self.valid_loss < sys.float_info.max
+
 
 def describe(version: str, cand: Candidate | None, dataset: str | None = None) -> dict[str, Any]:
     """A registered version as `promotion.json` and `registry show --json` both print it, under the names
@@ -119,18 +126,13 @@ def _run_candidates(client: MlflowClient, run_id: str, partition: str) -> list[C
     if tags.get("partition") != partition:
         raise TrackingError(f"run {run_id}: a training of partition {tags.get('partition')!r} (expected one of '{partition}')")
     kids = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'", max_results=1000)
-    return sorted((c for c in map(_candidate, kids) if c is not None), key=lambda c: c.replicate)
+    return sorted((c for c in map(_candidate, kids) if c is not None and c.trained), key=lambda c: c.replicate)
 
 
 def _candidate(run: Run) -> Candidate | None:
-    """A replicate's run as a candidate, with its exact metrics; None before it logged a model, and None for
-    one whose chosen checkpoint holds no trained weights (NaN rank: it diverged before that checkpoint's
-    first finite validation loss); runs of older transdnn ranked such initial weights, so a loss that was
-    never finite (MLflow stores it as the largest float) also rules one out."""
+    """A replicate's run as a candidate, with its exact metrics; None before it logged a model."""
     tags, metrics = run.data.tags, run.data.metrics
     if "model_uri" not in tags or "chosen_homology_rank" not in metrics:
-        return None
-    if not (math.isfinite(metrics["chosen_homology_rank"]) and metrics["best_valid_loss"] < sys.float_info.max):
         return None
     return Candidate(
         run_id=run.info.run_id,
@@ -253,6 +255,8 @@ def _register_and_move(
         ranked_on = _ranked_on(client, held) if held is not None else None
         if held is None or ranked_on is None:
             reason += f"; champion v{current.version} has no training run to compare with"
+        elif not held.trained:
+            reason += f"; champion v{current.version} holds no trained weights (it diverged)"
         elif ranked_on != _ranked_on(client, best):
             reason += f"; champion v{current.version} was ranked on other transform sets, genes or homology, or is another checkpoint kind"
         elif best.key(criterion) >= held.key(criterion):

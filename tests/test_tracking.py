@@ -66,6 +66,8 @@ def test_runs_children_metrics_and_inputs(params: Path, tracking_uri: str, tiny:
     pooled = json.loads((params.parent / "runs" / "cortex" / "metrics.json").read_text())["all_data_sets"]
     assert job.info.status == "FINISHED" and job.data.tags["partition"] == "cortex" and job.data.tags["data_sets"] == "1"
     assert job.data.metrics["homology_rank_consensus"] == pooled["homology_rank_consensus"]
+    assert (job.data.metrics["models"], job.data.metrics["replicates_left_out"]) == (2, 0), "counts are figures too"
+    assert parent.data.metrics["replicates_left_out"] == 0 and "beats_raw" not in parent.data.metrics
     # the trainings' settings (--max-epochs 4 here), not params.yaml's, with the code the job ran under
     assert job.data.params["train.max_epochs"] == "4" and job.data.params["git_commit"] == parent.data.params["git_commit"]
     assert job.data.tags["checkpoint"] == "best_valid"

@@ -499,7 +499,7 @@ def _track_embedding(
         )
     png = _consensus_heatmap(correlation_frame(emb.consensus, emb), inputs, folder, f"consensus correlation, {layout.dataset}")
     run.log_artifacts(None, [layout.consensus, png, layout.metrics], "embedding")
-    run.log_parent_metrics({k: v for k, v in metrics.items() if isinstance(v, float)})
+    run.log_parent_metrics(metrics)
     return png
 
 

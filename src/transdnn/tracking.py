@@ -312,6 +312,12 @@ def model_signature(genes: list[str]) -> ModelSignature:
     )
 
 
+def numbers(metrics: dict[str, Any]) -> dict[str, float]:
+    """The figures of a metrics record that MLflow can chart: numbers, counts included (models, replicates
+    left out); not flags, names or the per-replicate ranks."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
 def refuse_deleted(run: Run) -> Run:
     """A run deleted in the MLflow UI (or by `mlflow runs delete`) is in the store's trash: nothing is
     logged to it or registered from it."""
@@ -425,9 +431,10 @@ class TrainingRun:
         for f in files:
             self.client.log_artifact(run, str(f), folder)
 
-    def log_parent_metrics(self, metrics: dict[str, float]) -> None:
+    def log_parent_metrics(self, metrics: dict[str, Any]) -> None:
+        """The numbers among `metrics` (see `numbers`) on the parent run."""
         now = int(time.time() * 1000)
-        retry(lambda: self.client.log_batch(self.parent_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()]))
+        retry(lambda: self.client.log_batch(self.parent_id, metrics=[Metric(k, v, now, 0) for k, v in numbers(metrics).items()]))
 
     def end(self, status: str) -> None:
         try:
@@ -593,7 +600,7 @@ class Tracker:
         try:
             self._log_params(run_id, shared)  # the code is the job's, not the trainings'
             now = int(time.time() * 1000)
-            figures = [Metric(k, v, now, 0) for k, v in metrics.items() if isinstance(v, float)]
+            figures = [Metric(k, v, now, 0) for k, v in numbers(metrics).items()]
             retry(lambda: self.client.log_batch(run_id, metrics=figures))
             for f in files:
                 self.client.log_artifact(run_id, str(f))

@@ -49,6 +49,13 @@ def test_pooled_consensus_is_the_mean_of_the_sets_and_is_ranked_afresh():
     assert metrics["chance_homology_rank"] == 1.5
 
 
+def test_a_set_with_a_replicate_left_out_weighs_one_model_less():
+    a, b = np.zeros((2, 2)), np.ones((2, 2))
+    pooled, metrics = pool_data_sets([a, b], [_set_metrics([1.0, 1.0, 1.0]), _set_metrics([2.0], left_out=2)], _embeddings(1.0))
+    assert np.allclose(pooled, 0.25) and metrics["models"] == 4 and metrics["replicates_left_out"] == 2
+    assert metrics["homology_rank_mean"] == 1.25
+
+
 def test_a_figure_some_sets_lack_is_left_out():
     a = np.eye(2)
     _, metrics = pool_data_sets([a, a], [_set_metrics([1.0], best_valid_loss=1.0), _set_metrics([1.0])], _embeddings(1.0))

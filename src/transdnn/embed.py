@@ -116,10 +116,11 @@ def pool_data_sets(
     consensus: list[np.ndarray], per_set: list[dict[str, Any]], last: Embeddings
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """The answer of a whole job (the published one pools 100 data sets x 10 replicates): the mean of the
-    data sets' consensus correlations, each the mean over its replicates, so every model weighs the same;
+    data sets' consensus correlations, each the mean over its embedded replicates and weighed by their
+    number, so every model weighs the same (a set with a replicate left out counts for one model less);
     its homology rank, beside the mean rank over every model. `last` gives the regions and pairs, which
     every data set of a job shares."""
-    pooled = np.mean(consensus, axis=0)
+    pooled = np.average(consensus, axis=0, weights=[len(one["homology_rank"]) for one in per_set])
     ranks = [rank for one in per_set for rank in one["homology_rank"].values()]
     h_idx, m_idx = last.pair_idx
     metrics: dict[str, Any] = {

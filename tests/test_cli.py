@@ -527,7 +527,7 @@ def test_a_diverged_training_warns_and_is_not_promoted(params: Path, tracking_ur
     result = runner.invoke(app, ["train", "cortex", "--params", str(params), "--max-epochs", "3"])
     assert result.exit_code == 0, result.output
     assert "warning: cortex/Integrated_dataset_0: replicates 0, 1 diverged" in result.stderr
-    assert "homology rank none (no trained replicate)" in result.stdout
+    assert "best valid loss none (no trained replicate), homology rank none (no trained replicate)" in result.stdout
     promoted = runner.invoke(app, ["promote", "cortex", "--params", str(params)])
     assert promoted.exit_code == 2 and "no replicate with a logged model and trained weights" in promoted.stderr
     embedded = runner.invoke(app, ["embed", "cortex", "--params", str(params)])

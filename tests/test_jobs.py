@@ -8,6 +8,7 @@ import shutil
 import weakref
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -81,3 +82,18 @@ def test_code_digest_changes_with_the_modules_that_make_a_training(tmp_path: Pat
     assert (jobs.code_digest(copy) != jobs.code_digest(package)) is retrains
     sources = {p.relative_to(package).as_posix() for p in package.rglob("*.py")}
     assert jobs.RECORDING_MODULES.issubset(sources), "each module left out of the digest exists"
+
+
+def test_a_training_is_summed_up_over_the_replicates_that_trained():
+    """One diverged replicate (infinite best loss, no chosen rank) would make the means infinite or NaN."""
+    layout = jobs.RunLayout(Path("out"), "Integrated_dataset_0")
+
+    def outcome(losses: list[float], ranks: list[float]) -> jobs.TrainOutcome:
+        return jobs.TrainOutcome(
+            "cortex", layout.dataset, layout, None, pd.DataFrame({"best_valid_loss": losses}), np.array(ranks)
+        )
+
+    some = outcome([1.0, float("inf"), 3.0], [2.0, float("nan"), 4.0])
+    assert (some.best_valid_loss_mean, some.chosen_rank_mean) == (2.0, 3.0)
+    none = outcome([float("inf")], [float("nan")])
+    assert none.best_valid_loss_mean is None and none.chosen_rank_mean is None

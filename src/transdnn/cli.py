@@ -260,8 +260,7 @@ def train_cmd(
     for o in outcomes:
         typer.echo(
             f"{partition}/{o.dataset}: {len(o.summary)} replicate{'s' * (len(o.summary) != 1)}, epochs {int(o.summary.epochs_run.min())}-{int(o.summary.epochs_run.max())}, "
-            f"best valid loss {o.summary.best_valid_loss.mean():.4f}, homology rank "
-            + ("none (no trained replicate)" if o.chosen_rank_mean is None else f"{o.chosen_rank_mean:.2f}")
+            f"best valid loss {_figure(o.best_valid_loss_mean, '.4f')}, homology rank {_figure(o.chosen_rank_mean, '.2f')}"
             + (f", run {o.run_id}" if o.run_id else "")
             + (" (trained before; kept)" if o.trained_before else "")
             + (f" (the killed training's state was {o.restarted}: trained afresh)" if o.restarted else "")
@@ -323,6 +322,11 @@ def embed(
         )
     for name, m in report["data_sets"].items():
         _warn_left_out(f"{partition}/{name}", m["replicates_left_out"], "the embeddings and the consensus")
+
+
+def _figure(value: float | None, spec: str) -> str:
+    """A mean over the trained replicates, or why there is none."""
+    return "none (no trained replicate)" if value is None else format(value, spec)
 
 
 def _warn_left_out(label: str, left_out: int, of: str) -> None:

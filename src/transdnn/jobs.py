@@ -80,8 +80,18 @@ class TrainOutcome:
     @property
     def chosen_rank_mean(self) -> float | None:
         """The mean homology rank of the replicates with trained weights in the chosen checkpoint; None: none has."""
-        ranks = self.chosen_ranks[np.isfinite(self.chosen_ranks)]
-        return float(ranks.mean()) if len(ranks) else None
+        return _finite_mean(self.chosen_ranks)
+
+    @property
+    def best_valid_loss_mean(self) -> float | None:
+        """The mean best validation loss of the replicates that had a finite one (one diverged replicate
+        would make the mean infinite); None: none had."""
+        return _finite_mean(self.summary["best_valid_loss"].to_numpy(dtype=np.float64))
+
+
+def _finite_mean(values: np.ndarray) -> float | None:
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if len(finite) else None
 
 
 # Modules that parse the command line, name errors, record or draw a training's outputs elsewhere (MLflow),

@@ -51,9 +51,13 @@ def test_pooled_consensus_is_the_mean_of_the_sets_and_is_ranked_afresh():
 
 def test_a_set_with_a_replicate_left_out_weighs_one_model_less():
     a, b = np.zeros((2, 2)), np.ones((2, 2))
-    pooled, metrics = pool_data_sets([a, b], [_set_metrics([1.0, 1.0, 1.0]), _set_metrics([2.0], left_out=2)], _embeddings(1.0))
+    pooled, metrics = pool_data_sets(
+        [a, b],
+        [_set_metrics([1.0, 1.0, 1.0], best_valid_loss=1.0), _set_metrics([2.0], left_out=2, best_valid_loss=3.0)],
+        _embeddings(1.0),
+    )
     assert np.allclose(pooled, 0.25) and metrics["models"] == 4 and metrics["replicates_left_out"] == 2
-    assert metrics["homology_rank_mean"] == 1.25
+    assert metrics["homology_rank_mean"] == 1.25 and metrics["best_valid_loss"] == 1.5
 
 
 def test_a_figure_some_sets_lack_is_left_out():

@@ -119,8 +119,9 @@ def pool_data_sets(
     data sets' consensus correlations, each the mean over its embedded replicates and weighed by their
     number, so every model weighs the same (a set with a replicate left out counts for one model less);
     its homology rank, beside the mean rank over every model. `last` gives the regions and pairs, which
-    every data set of a job shares."""
-    pooled = np.average(consensus, axis=0, weights=[len(one["homology_rank"]) for one in per_set])
+    every data set of a job shares. The validation figures are pooled by the same weights."""
+    models = [len(one["homology_rank"]) for one in per_set]
+    pooled = np.average(consensus, axis=0, weights=models)
     ranks = [rank for one in per_set for rank in one["homology_rank"].values()]
     h_idx, m_idx = last.pair_idx
     metrics: dict[str, Any] = {
@@ -133,7 +134,7 @@ def pool_data_sets(
     for key in ("best_valid_loss", "best_valid_acc"):
         values = [one[key] for one in per_set if key in one]
         if len(values) == len(per_set):
-            metrics[key] = float(np.mean(values))
+            metrics[key] = float(np.average(values, weights=models))
     return pooled, metrics
 
 

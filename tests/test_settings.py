@@ -117,8 +117,19 @@ def test_a_params_path_that_is_no_file_is_one_line(where: str, tmp_path: Path):
         path.mkdir()
     result = runner.invoke(app, ["validate", "cortex", "--params", str(path)])
     assert result.exit_code == 2
-    expected = "a folder, not a settings file" if where == "a folder" else "settings file not found"
-    assert result.stderr == f"error: {path}: {expected} (expected a params.yaml)\n"
+    expected = (
+        "a folder, not a settings file (expected a params.yaml)"
+        if where == "a folder"
+        else "settings file not found (expected a params.yaml: run transdnn in the project's folder, or give --params PATH)"
+    )
+    assert result.stderr == f"error: {path}: {expected}\n"
+
+
+def test_a_missing_default_params_file_is_named_with_its_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Run from a subfolder of the project, `params.yaml` alone would not say where it was looked for."""
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["validate", "cortex"])
+    assert result.exit_code == 2 and result.stderr.startswith(f"error: {tmp_path / 'params.yaml'}: settings file not found")
 
 
 @pytest.mark.parametrize(

@@ -236,7 +236,10 @@ def load_settings(path: str | Path = "params.yaml") -> Settings:
     if path.is_dir():
         raise ConfigError(f"{path}: a folder, not a settings file (expected a params.yaml)")
     if not path.is_file():
-        raise ConfigError(f"{path}: settings file not found (expected a params.yaml)")
+        raise ConfigError(
+            f"{path.absolute()}: settings file not found (expected a params.yaml: run transdnn in the project's folder, "
+            "or give --params PATH)"
+        )
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:

@@ -141,6 +141,34 @@ def test_a_training_shows_running_in_mlflow_until_it_ends(tracking_uri: str, tin
     assert [client.get_run(r).info.status for r in runs] == ["FINISHED"] * 3
 
 
+def test_a_store_that_stops_answering_mid_training_fails_it_in_one_line(
+    tracking_uri: str, tiny: TinyData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A tracking server restarted, or the network cut, mid-job: MLflow raised a page of traceback. Now one
+    line, and nothing more is sent (each request would wait out MLflow's retries, minutes, to fail again): the
+    runs stay RUNNING in the store, and `train --resume` continues them."""
+    from transdnn.errors import StoreFailure
+    from transdnn.lineage import RunSpec
+    from transdnn.settings import TrackingSettings
+    from transdnn.tracking import Tracker, configure
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        gone = f"http://127.0.0.1:{s.getsockname()[1]}"
+    configure(TrackingSettings(experiment="cut"), tmp_path)
+    spec = RunSpec("cortex", "d0", params={}, info={}, seeds=[1, 2], inputs={"train": tiny.train, "human": tiny.human})
+    client = MlflowClient(tracking_uri)
+    with pytest.raises(StoreFailure) as failed, Tracker("cut", tmp_path).training(spec) as run:
+        runs = [run.parent_id, *run.children]
+        run.client = MlflowClient(gone)  # the store stops answering
+        run.log_parent_metrics({"homology_rank_mean": 2.0})
+    message = str(failed.value)
+    assert message.startswith(f"{tracking_uri}: the MLflow store failed a request (") and "\n" not in message
+    assert message.endswith("run the command again once it does (`train --resume` continues a training from its last state)")
+    assert [client.get_run(r).info.status for r in runs] == ["RUNNING"] * 3
+
+
 @pytest.mark.parametrize(
     ("uri", "label"),
     [

@@ -21,6 +21,10 @@ class TrackingError(TransdnnError):
     """The MLflow store or registry cannot give what was asked for."""
 
 
+class StoreFailure(TrackingError):
+    """The MLflow store stopped answering, or failed a request, in the middle of a job."""
+
+
 class ResourceError(TransdnnError):
     """The device ran out of memory for the data set and model asked of it."""
 

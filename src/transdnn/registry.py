@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 
 from transdnn.errors import TrackingError
 from transdnn.lineage import RANKED_ON
-from transdnn.tracking import PARENT_ROLE, ROLE_TAG, input_digests, reader, refuse_deleted, retry, store_lock
+from transdnn.tracking import PARENT_ROLE, ROLE_TAG, answered, input_digests, not_found, reader, refuse_deleted, retry, store_lock
 
 CHAMPION = "champion"
 PREVIOUS = "previous"
@@ -115,7 +115,9 @@ def candidates(client: MlflowClient, run_ids: list[str], partition: str) -> list
 def _run_candidates(client: MlflowClient, run_id: str, partition: str) -> list[Candidate]:
     try:
         parent = refuse_deleted(client.get_run(run_id))
-    except MlflowException:
+    except MlflowException as exc:
+        if not not_found(exc):
+            raise
         raise TrackingError(f"run {run_id}: not found (expected a training run id)") from None
     tags = parent.data.tags
     if tags.get(ROLE_TAG) != PARENT_ROLE:
@@ -225,6 +227,7 @@ def promotion_reason(criterion: str, replicates: int, run_ids: list[str]) -> str
     return f"lowest {criterion} among {replicates} replicate{'s' * (replicates != 1)} of {runs}"
 
 
+@answered
 def promote(
     partition: str, experiment_id: str, criterion: str, run_ids: list[str] | None = None, require_better: bool = False
 ) -> Promotion:
@@ -277,6 +280,7 @@ def _register_and_move(
     return Promotion(version, best, version, best, True, reason)
 
 
+@answered
 def show(partitions: list[str]) -> list[dict[str, Any]]:
     """Per partition and alias: version, run, data set, replicate, exact metrics (None where the version's
     run is gone), why it was promoted and URI; no rows before the store exists."""

@@ -6,6 +6,7 @@ partition and training set, one nested child run per replicate, per-epoch metric
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import functools
 import hashlib
@@ -29,6 +30,7 @@ from typing import Any, TypeVar
 import mlflow
 import numpy as np
 import pandas as pd
+import requests
 import yaml
 from mlflow.entities import Dataset, DatasetInput, Experiment, InputTag, Metric, Param, Run, ViewType
 from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
@@ -41,7 +43,7 @@ from mlflow.utils.uri import is_local_uri
 from packaging.version import Version
 
 import transdnn
-from transdnn.errors import TrackingError, first_line
+from transdnn.errors import StoreFailure, TrackingError, first_line
 from transdnn.lineage import RunSpec
 from transdnn.settings import TrackingSettings
 
@@ -93,6 +95,37 @@ def shown(uri: str) -> str:
     if parts.password is None:
         return uri
     return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))
+
+
+STORE_FAILURES = (MlflowException, requests.exceptions.RequestException)
+
+
+def store_failed(exc: BaseException) -> StoreFailure:
+    """A store that stopped answering in the middle of a job (a server restarted, a network cut, after
+    MLflow's own retries) or refused a request, in one line."""
+    return StoreFailure(
+        f"{shown(mlflow.get_tracking_uri())}: the MLflow store failed a request ({first_line(exc)}); expected a store "
+        "that answers at tracking.uri or MLFLOW_TRACKING_URI: run the command again once it does (`train --resume` "
+        "continues a training from its last state)"
+    )
+
+
+def answered(method: Callable[..., T]) -> Callable[..., T]:
+    """Store failures inside `method` leave it as one StoreFailure (see `store_failed`), not a traceback."""
+
+    @functools.wraps(method)
+    def call(*args: Any, **kwargs: Any) -> T:
+        try:
+            return method(*args, **kwargs)
+        except STORE_FAILURES as exc:
+            raise store_failed(exc) from None
+
+    return call
+
+
+def not_found(exc: MlflowException) -> bool:
+    """MLflow's answer for an id the store does not hold, as opposed to a store that failed."""
+    return exc.error_code == "RESOURCE_DOES_NOT_EXIST"
 
 
 def _check_answers(uri: str, timeout: float = 10.0) -> None:
@@ -341,6 +374,7 @@ class TrainingRun:
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="transdnn-metrics")  # threads start on first use
         self._in_flight: Future[None] | None = None
 
+    @answered
     def on_epoch(self, epoch: int, metrics: pd.DataFrame) -> None:
         """Per-epoch metrics go out every FLUSH_SECONDS (and at each resume state and at the end), not
         every epoch, and from a writer thread: the store's round trips overlap the next epochs."""
@@ -354,6 +388,7 @@ class TrainingRun:
         if time.monotonic() - self._flushed >= FLUSH_SECONDS:
             self._send()
 
+    @answered
     def flush(self) -> None:
         """Everything reported so far is in the store when this returns (a failed write raises here)."""
         self._send()
@@ -376,6 +411,7 @@ class TrainingRun:
                 chunk = values[start : start + MAX_METRICS_PER_BATCH]
                 retry(functools.partial(self.client.log_batch, self.children[r], metrics=chunk))
 
+    @answered
     def log_summary(self, summary: pd.DataFrame, chosen_ranks: np.ndarray, history_files: list[Path]) -> None:
         """Final metrics and history artifacts of each replicate."""
         now = int(time.time() * 1000)
@@ -395,6 +431,7 @@ class TrainingRun:
             )
             self.client.log_artifact(child, str(hist), "history")
 
+    @answered
     def log_models(self, replicate_files: list[tuple[Path, Path]], genes: list[str], example: np.ndarray, folder: Path) -> None:
         """Log each replicate's chosen checkpoint as a pyfunc model (model from code, weights-only).
 
@@ -426,11 +463,13 @@ class TrainingRun:
             self.client.log_artifact(self.children[r], str(example_csv))
             self.client.set_tag(self.children[r], "model_uri", info.model_uri)
 
+    @answered
     def log_artifacts(self, replicate: int | None, files: list[Path], folder: str | None = None) -> None:
         run = self.parent_id if replicate is None else self.children[replicate]
         for f in files:
             self.client.log_artifact(run, str(f), folder)
 
+    @answered
     def log_parent_metrics(self, metrics: dict[str, Any]) -> None:
         """The numbers among `metrics` (see `numbers`) on the parent run."""
         now = int(time.time() * 1000)
@@ -443,6 +482,15 @@ class TrainingRun:
             self._writer.shutdown()
         for run in [*self.children, self.parent_id]:
             retry(functools.partial(self.client.set_terminated, run, status))
+
+    def abandon(self, status: str | None) -> None:
+        """End the runs as `status` after the job failed, as far as the store lets: the job's own error is
+        the one to report. None: the store has failed, and nothing more is sent."""
+        if status is None:
+            self._writer.shutdown(wait=False, cancel_futures=True)
+            return
+        with contextlib.suppress(*STORE_FAILURES, StoreFailure):
+            self.end(status)
 
 
 @contextmanager
@@ -515,18 +563,23 @@ class Tracker:
     def training(self, spec: RunSpec, resume_run_id: str | None = None) -> Iterator[TrainingRun]:
         """A parent run with one child per replicate; ends FINISHED, FAILED or KILLED, never RUNNING.
 
-        `resume_run_id` reopens the runs of a killed training instead of creating new ones."""
-        run = self._resume(resume_run_id) if resume_run_id else self._create(spec)
+        `resume_run_id` reopens the runs of a killed training instead of creating new ones. A store that
+        stops answering mid-job fails it in one line (`StoreFailure`), and its runs stay RUNNING there:
+        `train --resume` continues them once it answers."""
+        run = answered(self._resume)(resume_run_id) if resume_run_id else answered(self._create)(spec)
         try:
             with _system_metrics(run.parent_id, self.system_metrics_s, resumed=resume_run_id is not None):
                 yield run
+            answered(run.end)("FINISHED")
         except KeyboardInterrupt:
-            run.end("KILLED")
+            run.abandon("KILLED")
+            raise
+        except StoreFailure:
+            run.abandon(None)  # another request would wait out MLflow's retries (minutes) to fail again
             raise
         except BaseException:
-            run.end("FAILED")
+            run.abandon("FAILED")
             raise
-        run.end("FINISHED")
 
     def _resume(self, run_id: str) -> TrainingRun:
         run = self.reopen(run_id)
@@ -580,6 +633,7 @@ class Tracker:
                 )
             )
 
+    @answered
     def record_job(
         self, partition: str, checkpoint: str, metrics: dict[str, Any], runs: dict[str, str | None], files: list[Path]
     ) -> None:
@@ -610,11 +664,14 @@ class Tracker:
             raise
         retry(lambda: self.client.set_terminated(run_id, "FINISHED"))
 
+    @answered
     def reopen(self, run_id: str) -> TrainingRun:
         """The run of an earlier training (for embed): its children in replicate order."""
         try:
             parent = refuse_deleted(self.client.get_run(run_id))
-        except MlflowException:
+        except MlflowException as exc:
+            if not not_found(exc):
+                raise
             raise TrackingError(
                 f"run {run_id}: not found in {shown(mlflow.get_tracking_uri())} (expected a training run id)"
             ) from None
@@ -628,16 +685,20 @@ class Tracker:
         """The run, where this store and experiment hold it and it is not deleted."""
         try:
             run = self.client.get_run(run_id)
-        except MlflowException:
+        except MlflowException as exc:
+            if not not_found(exc):
+                raise
             return None
         return run if run.info.experiment_id == self.experiment_id and run.info.lifecycle_stage == "active" else None
 
+    @answered
     def finished(self, run_id: str) -> bool:
         """Whether `run_id` is a finished run of this store and experiment, not deleted: a training kept
         from before must have its run where embed and promote will look for it."""
         run = self._held(run_id)
         return run is not None and run.info.status == "FINISHED"
 
+    @answered
     def resumable(self, run_id: str) -> bool:
         """Whether a killed training's run can be continued: this store and experiment hold it, not deleted."""
         return self._held(run_id) is not None

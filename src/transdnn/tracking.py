@@ -561,7 +561,8 @@ class Tracker:
 
     @contextmanager
     def training(self, spec: RunSpec, resume_run_id: str | None = None) -> Iterator[TrainingRun]:
-        """A parent run with one child per replicate; ends FINISHED, FAILED or KILLED, never RUNNING.
+        """A parent run with one child per replicate; ends FINISHED, FAILED or KILLED, never RUNNING while the
+        store answers.
 
         `resume_run_id` reopens the runs of a killed training instead of creating new ones. A store that
         stops answering mid-job fails it in one line (`StoreFailure`), and its runs stay RUNNING there:

@@ -164,6 +164,12 @@ class StoredModel:
             self.epochs[idx],
         )
 
+    def trained_only(self) -> StoredModel:
+        """This model less the replicates without trained weights (see `trained`): what embed and the
+        independent test use."""
+        trained = self.trained
+        return self if len(trained) == self.replicates else self.select(trained)
+
     def module(self, device: torch.device) -> StackedMLP:
         m = self.meta
         net = StackedMLP(self.replicates, len(m["genes"]), m["hidden_units"], len(m["regions"]), m["dropout"], m["dropout_mode"])

@@ -45,8 +45,7 @@ def embed_inputs(model: StoredModel, inputs: PartitionInputs, device: torch.devi
     holds its initial weights, whose embeddings would pull the consensus towards noise."""
     trained = model.trained
     left_out = [r for r in range(model.replicates) if r not in trained]
-    if left_out:
-        model = model.select(trained)
+    model = model.trained_only()
     n_h = len(inputs.human.regions)
     regions = np.concatenate([inputs.human.means, inputs.mouse.means])
     cols = gene_columns(model.meta["genes"], inputs.genes)

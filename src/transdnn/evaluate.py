@@ -45,8 +45,7 @@ def independent_test(model: StoredModel, test: TrainingSet, device: torch.device
     before a finite validation loss holds no trained weights, and its accuracy would be chance's."""
     regions = model.meta["regions"]
     trained = model.trained
-    if len(trained) < model.replicates:
-        model = model.select(trained)
+    model = model.trained_only()
     check_test_regions(test, regions)
     code = {r: i for i, r in enumerate(regions)}
     gt = np.array([code[test.regions[label]] for label in test.labels])

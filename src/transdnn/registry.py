@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 
 from transdnn.errors import TrackingError
 from transdnn.lineage import RANKED_ON
-from transdnn.tracking import PARENT_ROLE, ROLE_TAG, answered, input_digests, not_found, reader, refuse_deleted, retry, store_lock
+from transdnn.tracking import PARENT_ROLE, ROLE_TAG, answered, input_digests, reader, retry, store_lock, training_run
 
 CHAMPION = "champion"
 PREVIOUS = "previous"
@@ -113,12 +113,7 @@ def candidates(client: MlflowClient, run_ids: list[str], partition: str) -> list
 
 
 def _run_candidates(client: MlflowClient, run_id: str, partition: str) -> list[Candidate]:
-    try:
-        parent = refuse_deleted(client.get_run(run_id))
-    except MlflowException as exc:
-        if not not_found(exc):
-            raise
-        raise TrackingError(f"run {run_id}: not found (expected a training run id)") from None
+    parent = training_run(client, run_id)
     tags = parent.data.tags
     if tags.get(ROLE_TAG) != PARENT_ROLE:
         raise TrackingError(

@@ -351,6 +351,17 @@ def numbers(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
+def training_run(client: MlflowClient, run_id: str, store: str = "") -> Run:
+    """The run `run_id` names, not deleted; one the store does not hold is named in one line (`store`: where
+    it was looked for, for the message)."""
+    try:
+        return refuse_deleted(client.get_run(run_id))
+    except MlflowException as exc:
+        if not not_found(exc):
+            raise
+        raise TrackingError(f"run {run_id}: not found{store} (expected a training run id)") from None
+
+
 def refuse_deleted(run: Run) -> Run:
     """A run deleted in the MLflow UI (or by `mlflow runs delete`) is in the store's trash: nothing is
     logged to it or registered from it."""
@@ -668,14 +679,7 @@ class Tracker:
     @answered
     def reopen(self, run_id: str) -> TrainingRun:
         """The run of an earlier training (for embed): its children in replicate order."""
-        try:
-            parent = refuse_deleted(self.client.get_run(run_id))
-        except MlflowException as exc:
-            if not not_found(exc):
-                raise
-            raise TrackingError(
-                f"run {run_id}: not found in {shown(mlflow.get_tracking_uri())} (expected a training run id)"
-            ) from None
+        parent = training_run(self.client, run_id, f" in {shown(mlflow.get_tracking_uri())}")
         found = self.client.search_runs(
             [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'", ViewType.ALL, max_results=1000
         )

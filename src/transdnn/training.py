@@ -389,8 +389,9 @@ class Trainer:
         a = active.numpy()
         self.best_epoch["best_valid"][better_loss.numpy()] = self.epoch
         self.best_epoch["best_rank"][better_rank.numpy()] = self.epoch
+        diverged = a & ~finite.numpy()
         self.best_epoch["last"][a] = self.epoch
-        self.best_epoch["last"][a & ~finite.numpy()] = -1  # a diverged replicate's last weights are no epoch's
+        self.best_epoch["last"][diverged] = -1  # a diverged replicate's last weights are no epoch's
         self.epochs_run[a] += 1
         self.stale[better_loss.numpy()] = 0
         self.stale[a & ~better_loss.numpy()] += 1
@@ -407,7 +408,7 @@ class Trainer:
             }
         )
         self.rows.append(metrics)
-        halted = (self.stale >= self.cfg.patience) | (active & ~finite).numpy()
+        halted = (self.stale >= self.cfg.patience) | diverged
         stopping = torch.from_numpy(halted).to(self.device) & self.active
         self._retire(stopping)
         self.active &= ~stopping

@@ -6,14 +6,15 @@
     python benchmarks/compare.py --only cortex-5k,subcortex-2k --reference-replicates 2  # a GPU lease
 
 Prints wall time, ms per replicate-epoch, peak memory, bytes written and the homology rank of each,
-then the ratios (speed-up over the reference, overhead over the ideal loop), loading/split scaling
-and peak memory on a 100k-row set. The reference wheel and its dependencies are fetched with pip into
+then the ratios (speed-up over the reference, overhead over the ideal loop, bytes, also as
+`train.checkpoint_dtype: int8` would write them), loading/split scaling and peak memory on a 100k-row set. The reference wheel and its dependencies are fetched with pip into
 a cache outside the repository (BENCH_CACHE, default ~/.cache/transdnn-bench).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -28,6 +29,8 @@ from typing import Any, TypedDict
 import numpy as np
 import pandas as pd
 import yaml
+
+from transdnn.choices import Checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
@@ -252,6 +255,18 @@ def bench_reference(case: Case, wheel: Path, deps: Path, work: Path) -> Measure:
     return Measure(info["wall"], peak, dir_bytes(out), float(np.mean(ranks)), epochs, extra)
 
 
+def int8_growth(layout: Any, kind: Checkpoint, folder: Path) -> int:
+    """How many bytes the written checkpoint would gain (a negative number) under `train.checkpoint_dtype:
+    int8`: the same weights encoded and saved as transdnn saves them (the size depends on the shapes alone)."""
+    from transdnn.checkpoints import encode_weights, load_model, save_model
+
+    model = load_model(layout, kind)
+    state, scales = encode_weights(model.weights(), "int8")
+    path = folder / f"{kind}.pt"
+    save_model(path, folder / "model.json", dataclasses.replace(model, state=state, scales=scales))
+    return path.stat().st_size - layout.checkpoint(kind).stat().st_size
+
+
 def bench_transdnn(case: Case, work: Path, precision: str, train_marginal: bool = False) -> Measure:
     from transdnn.checkpoints import RunLayout
 
@@ -292,6 +307,7 @@ def bench_transdnn(case: Case, work: Path, precision: str, train_marginal: bool 
         int(summary.epochs_run.sum()),  # a replicate that stopped early is no longer computed
         {
             "checkpoint_bytes": dir_bytes(layout.checkpoints_dir),
+            "int8_out_bytes": dir_bytes(root) + int8_growth(layout, part["embed"]["checkpoint"], work / f"int8-{precision}"),
             "mlflow_bytes": mlflow_bytes,
             "train_data_set_s": further["data_set_seconds"],
             "train_first_data_set_s": info["data_set_seconds"],
@@ -551,6 +567,7 @@ class Ratios(TypedDict):
     over_ideal_further_set: float
     per_epoch_work: float
     bytes_share: float | None
+    int8_bytes_share: float | None
 
 
 def ratios_of(r: dict, precision: str) -> Ratios:
@@ -568,6 +585,9 @@ def ratios_of(r: dict, precision: str) -> Ratios:
         "over_ideal_further_set": data_set_s(ours) / ideal["wall"],
         "per_epoch_work": ours["extra"]["per_epoch_overhead"],
         "bytes_share": ours["out_bytes"] / max(ref["out_bytes"], 1) if whole else None,
+        "int8_bytes_share": ours["extra"]["int8_out_bytes"] / max(ref["out_bytes"], 1)
+        if whole and "int8_out_bytes" in ours["extra"]  # since 2026-12-07
+        else None,
     }
 
 
@@ -685,6 +705,9 @@ def print_case(r: dict) -> None:
             "overhead vs ideal (each further data set of a job)": f"{x['over_ideal_further_set']:.2f}x",
             "per-epoch work beyond the pass": f"{x['per_epoch_work']:.1%}",
             "bytes vs reference": "n/a" if x["bytes_share"] is None else f"{x['bytes_share']:.1%}",
+            "bytes vs reference, checkpoint_dtype int8": "n/a"
+            if x["int8_bytes_share"] is None
+            else f"{x['int8_bytes_share']:.1%}",
             "checkpoints MB": round(ours["extra"]["checkpoint_bytes"] / 2**20),
             "MLflow artifacts MB": round(ours["extra"]["mlflow_bytes"] / 2**20),
         }

@@ -11,7 +11,15 @@ import pandas as pd
 import pytest
 import torch
 
-from transdnn.checkpoints import RunLayout, StoredModel, load_model, read_summary, require_checkpoint, save_model
+from transdnn.checkpoints import (
+    RunLayout,
+    StoredModel,
+    encode_weights,
+    load_model,
+    read_summary,
+    require_checkpoint,
+    save_model,
+)
 from transdnn.errors import InputError
 from transdnn.model import StackedMLP
 
@@ -65,6 +73,59 @@ def test_weights_that_do_not_fit_their_description_are_refused(tmp_path: Path, e
     for attempt in (lambda: require_checkpoint(layout, "best_valid"), lambda: load_model(layout, "best_valid")):
         with pytest.raises(InputError, match=rf"^{re.escape(str(layout.checkpoint('best_valid')))}: {message}"):
             attempt()
+
+
+def _trained_like(replicates: int = 3) -> dict[str, torch.Tensor]:
+    net = StackedMLP(replicates, 40, [30, 20, 10], 3, 0.1, "unit")
+    net.reset_parameters(list(range(replicates)))
+    return net.state_dict()
+
+
+def test_int8_weights_halve_float16_and_stay_within_half_a_step_of_the_trained_ones(tmp_path: Path):
+    weights = _trained_like()
+    weights["weights.1"][1, :, 4] = 0  # a unit with no input weights: its scale must not divide by zero
+    meta = {**META, "genes": [f"g{i}" for i in range(40)], "hidden_units": [30, 20, 10]}
+    sizes = {}
+    for dtype in ("float16", "int8"):
+        state, scales = encode_weights(weights, dtype)
+        layout = RunLayout(tmp_path / dtype, "Integrated_dataset_0")
+        save_model(
+            layout.checkpoint("best_valid"),
+            layout.model_meta,
+            StoredModel(meta, state, torch.rand(3, 40), torch.ones(3, 40), torch.tensor([1, 2, 3]), scales),
+        )
+        sizes[dtype] = sum(v.numel() * v.element_size() for v in state.values())
+    loaded = load_model(layout, "best_valid")
+    assert loaded.state["weights.0"].dtype == torch.int8 and loaded.state["biases.0"].dtype == torch.float32
+    assert loaded.scales["weights.0"].shape == (3, 1, 30) and set(loaded.scales) == {f"weights.{i}" for i in range(4)}
+    numbers = loaded.weights()
+    for name, full in weights.items():
+        step = loaded.scales.get(name, 0)
+        assert (numbers[name] - full).abs().le(step / 2 + 1e-7).all(), name
+    assert torch.equal(numbers["weights.1"][1, :, 4], torch.zeros(30))
+    assert loaded.select([2]).weights()["weights.0"].equal(numbers["weights.0"][2:])
+    assert sizes["int8"] < 0.55 * sizes["float16"]
+    x = torch.rand(3, 5, 40)
+    full_net = StackedMLP(3, 40, [30, 20, 10], 3, 0.1, "unit")
+    full_net.load_state_dict(weights)
+    assert torch.allclose(loaded.module(torch.device("cpu")).embed(x), full_net.eval().embed(x), atol=0.02)
+
+
+@pytest.mark.parametrize("scales", [{}, {"weights.0": torch.ones(2, 1, 4)}])
+def test_int8_weights_without_their_scales_are_refused(tmp_path: Path, scales: dict[str, torch.Tensor]):
+    """Without its scale an int8 weight would load as integers, a model of nonsense."""
+    net = StackedMLP(2, 4, [5, 6, 7], 3, 0.1, "unit")
+    state, _ = encode_weights(net.state_dict(), "int8")
+    layout = RunLayout(tmp_path, "Integrated_dataset_0")
+    save_model(
+        layout.checkpoint("best_valid"),
+        layout.model_meta,
+        StoredModel(META, state, torch.rand(2, 4), torch.ones(2, 4), torch.tensor([3, 4]), scales),
+    )
+    with pytest.raises(
+        InputError, match=r"best_valid\.pt: 'scale\.weights\.0' has shape (None|\(2, 1, 4\)) \(expected \(2, 1, 5\): int8 weights"
+    ):
+        require_checkpoint(layout, "best_valid")
 
 
 def test_a_description_without_a_field_names_it(tmp_path: Path):

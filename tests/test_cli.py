@@ -170,7 +170,7 @@ def test_a_new_training_leaves_no_file_of_an_older_one(params: Path, tmp_path: P
     assert checkpoints == ["best_valid.pt", "model.json"]
 
 
-def test_checkpoints_are_float16_unless_asked_otherwise(params: Path, tmp_path: Path):
+def test_checkpoints_are_float16_unless_asked_otherwise_float32_or_int8(params: Path, tmp_path: Path):
     ckpt = tmp_path / "runs" / "cortex" / "train" / "Integrated_dataset_0" / "checkpoints"
     assert runner.invoke(app, ["train", "cortex", "--params", str(params), "--no-track"]).exit_code == 0
     half = torch.load(ckpt / "best_valid.pt", weights_only=True)
@@ -181,6 +181,13 @@ def test_checkpoints_are_float16_unless_asked_otherwise(params: Path, tmp_path: 
     full = torch.load(ckpt / "best_valid.pt", weights_only=True)
     assert full["state.weights.0"].dtype == torch.float32
     assert torch.equal(full["state.weights.0"].half(), half["state.weights.0"]), "the same training, rounded once"
+    params.write_text(params.read_text().replace("checkpoint_dtype: float32", "checkpoint_dtype: int8"))
+    assert runner.invoke(app, ["train", "cortex", "--params", str(params), "--no-track"]).exit_code == 0
+    small = load_model(RunLayout(tmp_path / "runs" / "cortex", "Integrated_dataset_0"), "best_valid")
+    assert small.state["weights.0"].dtype == torch.int8
+    step = small.scales["weights.0"]
+    assert (small.weights()["weights.0"] - full["state.weights.0"]).abs().le(step / 2 + 1e-7).all(), "the same training, in int8"
+    cli_ok(["embed", "cortex", "--params", str(params), "--no-track"])
 
 
 def test_embed_checkpoint_choice_changes_weights(params: Path, tmp_path: Path):

@@ -24,6 +24,7 @@ from packaging.version import Version
 from typer.testing import CliRunner
 
 from conftest import TinyData, cli_ok, train_cortex, train_embed_cortex
+from transdnn.checkpoints import RunLayout, load_model
 from transdnn.cli import app
 from transdnn.data import load_partition_inputs
 from transdnn.registry import _candidate, candidates, promotion_reason
@@ -31,8 +32,15 @@ from transdnn.registry import _candidate, candidates, promotion_reason
 runner = CliRunner()
 
 
-def test_promote_champion_loads_and_reproduces_run_embeddings(params: Path, tracking_uri: str, tiny: TinyData, tmp_path: Path):
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_promote_champion_loads_and_reproduces_run_embeddings(
+    params: Path, tracking_uri: str, tiny: TinyData, tmp_path: Path, dtype: str
+):
+    """The registered model is the checkpoint's weights as stored, int8 ones with their scales."""
+    params.write_text(params.read_text().replace("checkpoint_dtype: float16", f"checkpoint_dtype: {dtype}"))
     run_id = train_embed_cortex(params)
+    stored = load_model(RunLayout(tmp_path / "runs" / "cortex", "Integrated_dataset_0"), "best_valid")
+    assert stored.state["weights.0"].dtype == getattr(torch, dtype)
     out = cli_ok(["promote", "cortex", "--params", str(params)])
     assert "promoted version" in out
     client = MlflowClient(tracking_uri)

@@ -8,6 +8,7 @@ Partition = Literal["cortex", "subcortex"]
 Precision = Literal["fp32", "bf16"]
 Checkpoint = Literal["best_valid", "best_rank", "last"]
 DropoutMode = Literal["unit", "row"]
+CheckpointDtype = Literal["float32", "float16", "int8"]
 
 PARTITIONS: tuple[Partition, ...] = get_args(Partition)
 CHECKPOINTS: tuple[Checkpoint, ...] = get_args(Checkpoint)

@@ -26,6 +26,7 @@ from transdnn.atomic import check_output_folder, output_folder, remove_others, w
 from transdnn.checkpoints import (
     RunLayout,
     StoredModel,
+    encode_weights,
     load_model,
     read_record,
     read_summary,
@@ -33,7 +34,7 @@ from transdnn.checkpoints import (
     require_trained,
     save_model,
 )
-from transdnn.choices import Checkpoint
+from transdnn.choices import Checkpoint, CheckpointDtype
 from transdnn.data import (
     PartitionInputs,
     TrainingSet,
@@ -234,11 +235,12 @@ def _meta(partition: str, part: PartitionSettings, result: TrainResult, dataset:
     }
 
 
-def _stored(result: TrainResult, meta: dict[str, Any], kind: Checkpoint, dtype: str) -> StoredModel:
+def _stored(result: TrainResult, meta: dict[str, Any], kind: Checkpoint, dtype: CheckpointDtype) -> StoredModel:
     """Checkpoint `kind` as it is written: weights in `dtype`, scalers in float32. Everything after training
     (the chosen ranks, embed, the logged models) uses these stored weights."""
-    weights = {name: t.to(getattr(torch, dtype)) for name, t in result.checkpoints[kind].items()}
-    return StoredModel(meta, weights, result.scaler_mean, result.scaler_std, torch.from_numpy(result.checkpoint_epochs[kind]))
+    state, scales = encode_weights(result.checkpoints[kind], dtype)
+    epochs = torch.from_numpy(result.checkpoint_epochs[kind])
+    return StoredModel(meta, state, result.scaler_mean, result.scaler_std, epochs, scales)
 
 
 def _save_training(result: TrainResult, layout: RunLayout, stored: dict[Checkpoint, StoredModel]) -> list[Path]:

@@ -10,7 +10,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from transdnn.choices import CHECKPOINTS, PARTITIONS, Checkpoint, DropoutMode, Precision
+from transdnn.choices import CHECKPOINTS, PARTITIONS, Checkpoint, CheckpointDtype, DropoutMode, Precision
 from transdnn.errors import ConfigError, InputError, first_line
 
 
@@ -112,7 +112,7 @@ class TrainSettings(_Strict):
     transform_scaling: Literal["none", "train"]
     state_every_s: float | None = Field(ge=0)
     extra_checkpoints: list[Checkpoint]
-    checkpoint_dtype: Literal["float32", "float16"]
+    checkpoint_dtype: CheckpointDtype
 
 
 class EmbedSettings(_Strict):

@@ -145,9 +145,8 @@ class StoredModel:
     scaler_mean: torch.Tensor  # (R, G)
     scaler_std: torch.Tensor  # (R, G)
     epochs: torch.Tensor  # (R,) epoch each replicate's weights come from; -1: none with a finite validation loss
-    scales: dict[str, torch.Tensor] = dataclasses.field(
-        default_factory=dict
-    )  # int8 weight name -> (R, 1, units); float ones have none
+    # int8 weight name -> (R, 1, units) scales; weights stored as floats have none
+    scales: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     @property
     def trained(self) -> list[int]:
@@ -208,7 +207,7 @@ def encode_weights(
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Trained weights -> (state, scales) as a checkpoint stores them. int8 maps each replicate's and unit's
     largest |weight| to 127 (symmetric, round to nearest): half float16's bytes, which matters for 5,063-gene
-    models times 2,000; it moves embedding correlations by ~1e-3 where float16 moves them by ~1e-4
+    models times 2,000; it moves embedding correlations by up to ~3e-3 where float16 moves them by < 1e-4
     (docs/performance.md). Biases stay float32 under int8: a few hundred numbers per replicate."""
     if dtype != "int8":
         return {k: v.to(getattr(torch, dtype)) for k, v in weights.items()}, {}

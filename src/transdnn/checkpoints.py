@@ -215,8 +215,10 @@ def encode_weights(
     for k, v in weights.items():
         if v.dim() == 3 and k.startswith("weights."):
             scale = v.float().abs().amax(dim=1, keepdim=True) / 127
-            scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero unit stays zero
-            state[k], scales[k] = torch.round(v.float() / scale).clamp_(-127, 127).to(torch.int8), scale
+            scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # an all-zero unit stays zero
+            # a non-finite unit (`last` of a diverged replicate) keeps a non-finite scale: it loads non-finite
+            steps = torch.nan_to_num(v.float() / scale, nan=0.0).round_().clamp_(-127, 127)
+            state[k], scales[k] = steps.to(torch.int8), scale
         else:
             state[k] = v.float()
     return state, scales

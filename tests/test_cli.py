@@ -181,8 +181,7 @@ def test_checkpoints_are_float16_unless_asked_otherwise_float32_or_int8(params: 
     full = torch.load(ckpt / "best_valid.pt", weights_only=True)
     assert full["state.weights.0"].dtype == torch.float32
     assert torch.equal(full["state.weights.0"].half(), half["state.weights.0"]), "the same training, rounded once"
-    params.write_text(params.read_text().replace("checkpoint_dtype: float32", "checkpoint_dtype: int8"))
-    assert runner.invoke(app, ["train", "cortex", "--params", str(params), "--no-track"]).exit_code == 0
+    cli_ok(["train", "cortex", "--params", str(params), "--no-track", "--checkpoint-dtype", "int8"])
     small = load_model(RunLayout(tmp_path / "runs" / "cortex", "Integrated_dataset_0"), "best_valid")
     assert small.state["weights.0"].dtype == torch.int8
     step = small.scales["weights.0"]
@@ -360,8 +359,15 @@ def test_the_cli_offers_exactly_the_values_params_yaml_accepts():
     for command in (cli.validate, cli.train_cmd, cli.embed, cli.test_cmd, cli.promote, cli.registry_show):
         assert offered(command, "partition") == partitions, command.__name__
     assert offered(cli.train_cmd, "precision") == _literal_values(TrainSettings.model_fields["precision"].annotation)
+    dtypes = _literal_values(TrainSettings.model_fields["checkpoint_dtype"].annotation)
+    assert offered(cli.train_cmd, "checkpoint_dtype") == dtypes == {"float32", "float16", "int8"}
     assert offered(cli.embed, "checkpoint") == _literal_values(EmbedSettings.model_fields["checkpoint"].annotation)
-    for args in (["train", "cortx"], ["train", "cortex", "--precision", "fp16"], ["embed", "cortex", "--checkpoint", "best"]):
+    for args in (
+        ["train", "cortx"],
+        ["train", "cortex", "--precision", "fp16"],
+        ["train", "cortex", "--checkpoint-dtype", "int4"],
+        ["embed", "cortex", "--checkpoint", "best"],
+    ):
         result = runner.invoke(app, args)
         assert result.exit_code == 2 and "is not one of" in result.stderr, args
 

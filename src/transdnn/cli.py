@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 
-from transdnn.choices import PARTITIONS, Checkpoint, Partition, Precision
+from transdnn.choices import PARTITIONS, Checkpoint, CheckpointDtype, Partition, Precision
 from transdnn.errors import TransdnnError
 
 if TYPE_CHECKING:  # annotations only: the CLI imports the library lazily, per command
@@ -213,6 +213,10 @@ def train_cmd(
     precision: Annotated[
         Precision | None, typer.Option(help="fp32 (the published numerics) or bf16 autocast (~1.7x faster on CPUs with bf16).")
     ] = None,
+    checkpoint_dtype: Annotated[
+        CheckpointDtype | None,
+        typer.Option(help="How checkpoints store weights: float16 (default), float32, or int8 (half float16's bytes)."),
+    ] = None,
     out: OutOpt = None,
     shuffle_labels: Annotated[
         bool | None, typer.Option("--shuffle-labels/--no-shuffle-labels", help="Random-classifier control.")
@@ -245,6 +249,7 @@ def train_cmd(
         seed=seed,
         device=device,
         precision=precision,
+        checkpoint_dtype=checkpoint_dtype,
         shuffle_labels=shuffle_labels,
     )
     dev = _run(training_device, part.train.device, part.train.precision)

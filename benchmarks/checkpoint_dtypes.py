@@ -13,7 +13,6 @@ that moved, and the homology rank mean. The replicates' own spread of each corre
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import tempfile
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from transdnn.checkpoints import RunLayout, encode_weights, load_model, save_model
+from transdnn.checkpoints import RunLayout, load_model, save_model
 from transdnn.data import load_inputs
 from transdnn.embed import embed_inputs
 from transdnn.homology import pair_ranks
@@ -47,8 +46,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in ("float32", "float16", "int8"):
-            state, scales = encode_weights(full.weights(), dtype)
-            model = dataclasses.replace(full, state=state, scales=scales)
+            model = full.encoded(dtype)
             path = Path(tmp) / f"{dtype}.pt"
             save_model(path, Path(tmp) / "model.json", model)
             emb = embed_inputs(model, inputs, device)

@@ -7,14 +7,14 @@
 
 Prints wall time, ms per replicate-epoch, peak memory, bytes written and the homology rank of each,
 then the ratios (speed-up over the reference, overhead over the ideal loop, bytes, also as
-`train.checkpoint_dtype: int8` would write them), loading/split scaling and peak memory on a 100k-row set. The reference wheel and its dependencies are fetched with pip into
-a cache outside the repository (BENCH_CACHE, default ~/.cache/transdnn-bench).
+`train.checkpoint_dtype: int8` would write them), loading/split scaling and peak memory on a 100k-row
+set. The reference wheel and its dependencies are fetched with pip into a cache outside the repository
+(BENCH_CACHE, default ~/.cache/transdnn-bench).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
@@ -258,12 +258,10 @@ def bench_reference(case: Case, wheel: Path, deps: Path, work: Path) -> Measure:
 def int8_growth(layout: Any, kind: Checkpoint, folder: Path) -> int:
     """How many bytes the written checkpoint would gain (a negative number) under `train.checkpoint_dtype:
     int8`: the same weights encoded and saved as transdnn saves them (the size depends on the shapes alone)."""
-    from transdnn.checkpoints import encode_weights, load_model, save_model
+    from transdnn.checkpoints import load_model, save_model
 
-    model = load_model(layout, kind)
-    state, scales = encode_weights(model.weights(), "int8")
     path = folder / f"{kind}.pt"
-    save_model(path, folder / "model.json", dataclasses.replace(model, state=state, scales=scales))
+    save_model(path, folder / "model.json", load_model(layout, kind).encoded("int8"))
     return path.stat().st_size - layout.checkpoint(kind).stat().st_size
 
 

@@ -154,3 +154,26 @@ def test_epoch_parts_compares_two_checkouts_in_turns(params):
         beyond = seconds["validation"] + seconds["homology_rank"] + seconds["bookkeeping"]
         assert seconds["beyond_share"] == pytest.approx(beyond / seconds["train_pass"])
     assert out[-1].startswith("against  per-epoch work beyond the pass: ") and out[-1].count("%") == 2
+
+
+def test_int8_bytes_are_those_of_the_checkpoint_int8_would_write(compare, params, tmp_path):
+    """The benchmark's int8 bytes row: the chosen checkpoint re-encoded as `train --checkpoint-dtype int8`
+    writes it, and shared with the reference's bytes as the default's are."""
+    from conftest import train_cortex
+    from transdnn.checkpoints import RunLayout
+
+    train_cortex(params, "--no-track")
+    layout = RunLayout(tmp_path / "runs" / "cortex", "Integrated_dataset_0")
+    float16 = layout.checkpoint("best_valid").stat().st_size
+    growth = compare.int8_growth(layout, "best_valid", tmp_path / "int8")
+    train_cortex(params, "--no-track", "--checkpoint-dtype", "int8")
+    assert growth < 0 and float16 + growth == layout.checkpoint("best_valid").stat().st_size
+    case = _case("cortex 5k rows", 360.0, 100.0, 80.0, 2.0)
+    case["reference"].update(out_bytes=1000, replicate_epochs=500)
+    case["transdnn"]["fp32"].update(out_bytes=130, replicate_epochs=500)
+    case["transdnn"]["fp32"]["extra"].update(train_s=90.0, per_epoch_overhead=0.1, int8_out_bytes=70)
+    case["ideal"] = {"fp32": {"wall": 80.0}}
+    x = compare.ratios_of(case, "fp32")
+    assert x["bytes_share"] == pytest.approx(0.13) and x["int8_bytes_share"] == pytest.approx(0.07)
+    del case["transdnn"]["fp32"]["extra"]["int8_out_bytes"]  # a run recorded before the row existed
+    assert compare.ratios_of(case, "fp32")["int8_bytes_share"] is None

@@ -185,6 +185,11 @@ class StoredModel:
         """The state as numbers: int8 weights times their scales, float ones as stored."""
         return {k: v.float() * self.scales[k] if k in self.scales else v for k, v in self.state.items()}
 
+    def encoded(self, dtype: CheckpointDtype) -> StoredModel:
+        """The same weights as a checkpoint in `dtype` would store them (see `encode_weights`)."""
+        state, scales = encode_weights(self.weights(), dtype)
+        return dataclasses.replace(self, state=state, scales=scales)
+
     def model_inputs(self, x: torch.Tensor, scale: bool) -> torch.Tensor:
         """(N, G) raw expression -> (R, N, G) inputs, optionally through each replicate's scaler."""
         x = x.expand(self.replicates, -1, -1)
@@ -213,14 +218,15 @@ def encode_weights(
         return {k: v.to(getattr(torch, dtype)) for k, v in weights.items()}, {}
     state, scales = {}, {}
     for k, v in weights.items():
+        v = v.float()
         if v.dim() == 3 and k.startswith("weights."):
-            scale = v.float().abs().amax(dim=1, keepdim=True) / 127
+            scale = v.abs().amax(dim=1, keepdim=True) / 127
             scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # an all-zero unit stays zero
             # a non-finite unit (`last` of a diverged replicate) keeps a non-finite scale: it loads non-finite
-            steps = torch.nan_to_num(v.float() / scale, nan=0.0).round_().clamp_(-127, 127)
+            steps = torch.nan_to_num(v / scale, nan=0.0).round_().clamp_(-127, 127)
             state[k], scales[k] = steps.to(torch.int8), scale
         else:
-            state[k] = v.float()
+            state[k] = v
     return state, scales
 
 
@@ -283,10 +289,11 @@ def _check_described(model: StoredModel, path: Path) -> None:
             )
     for name, weight in model.state.items():
         scale = model.scales.get(name)
+        shape = None if scale is None else tuple(scale.shape)
         expected = (weight.shape[0], 1, weight.shape[-1]) if weight.dtype == torch.int8 else None
-        if (None if scale is None else tuple(scale.shape)) != expected:
+        if shape != expected:
             raise InputError(
-                f"{path}: 'scale.{name}' has shape {None if scale is None else tuple(scale.shape)} (expected {expected}: "
+                f"{path}: 'scale.{name}' has shape {shape} (expected {expected}: "
                 "int8 weights carry one scale per replicate and unit, float ones none)"
             )
 

@@ -26,7 +26,6 @@ from transdnn.atomic import check_output_folder, output_folder, remove_others, w
 from transdnn.checkpoints import (
     RunLayout,
     StoredModel,
-    encode_weights,
     load_model,
     read_record,
     read_summary,
@@ -238,9 +237,8 @@ def _meta(partition: str, part: PartitionSettings, result: TrainResult, dataset:
 def _stored(result: TrainResult, meta: dict[str, Any], kind: Checkpoint, dtype: CheckpointDtype) -> StoredModel:
     """Checkpoint `kind` as it is written: weights in `dtype`, scalers in float32. Everything after training
     (the chosen ranks, embed, the logged models) uses these stored weights."""
-    state, scales = encode_weights(result.checkpoints[kind], dtype)
     epochs = torch.from_numpy(result.checkpoint_epochs[kind])
-    return StoredModel(meta, state, result.scaler_mean, result.scaler_std, epochs, scales)
+    return StoredModel(meta, result.checkpoints[kind], result.scaler_mean, result.scaler_std, epochs).encoded(dtype)
 
 
 def _save_training(result: TrainResult, layout: RunLayout, stored: dict[Checkpoint, StoredModel]) -> list[Path]:

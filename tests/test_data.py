@@ -206,6 +206,10 @@ CASES: dict[str, tuple[Callable[[TinyData], Path], str]] = {
         lambda d: (d.homology.write_text("human_region,mouse_region\nhA,mA\nhB,\n"), d.homology)[1],
         "empty cells",
     ),
+    "homology with a repeated pair": (
+        lambda d: (d.homology.write_text("human_region,mouse_region\nhA,mA\nhB,mB\nhA,mA\n"), d.homology)[1],
+        "pairs listed more than once: 'hA/mA' (expected",
+    ),
 }
 
 

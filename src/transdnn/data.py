@@ -117,7 +117,15 @@ def read_homology(path: Path) -> Homology:
     frame = frame[["human_region", "mouse_region"]]
     if frame.isna().any().any():
         raise InputError(f"{path}: empty cells in 'human_region'/'mouse_region' (expected a region name in each)")
-    return Homology(path, frame["human_region"].astype(str).tolist(), frame["mouse_region"].astype(str).tolist())
+    frame = frame.astype(str)
+    repeated = frame[frame.duplicated()].drop_duplicates()
+    if not repeated.empty:
+        pairs = [f"{h}/{m}" for h, m in repeated.itertuples(index=False)]
+        raise InputError(
+            f"{path}: pairs listed more than once: {_examples(pairs)} (expected each human_region/mouse_region pair once: "
+            "a repeated pair would count twice in the homology rank)"
+        )
+    return Homology(path, frame["human_region"].tolist(), frame["mouse_region"].tolist())
 
 
 def _require_file(path: Path, expected: str) -> None:

@@ -169,6 +169,66 @@ def test_a_store_that_stops_answering_mid_training_fails_it_in_one_line(
     assert [client.get_run(r).info.status for r in runs] == ["RUNNING"] * 3
 
 
+@pytest.mark.slow
+def test_a_server_killed_mid_training_fails_it_in_one_line_with_system_metrics_on(
+    params: Path, store_template: Path, tmp_path: Path
+):
+    """A real `mlflow server` killed while `transdnn train` runs, with the sampler of system metrics on (as
+    params.yaml has it): MLflow's sampler thread printed its own WARNING about the dead server beside the
+    job's one-line error."""
+    import os
+    import signal
+    import time
+    import urllib.request
+
+    db = tmp_path / "served.db"
+    shutil.copy(store_template, db)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    serve = ["mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1", "--backend-store-uri"]
+    server = subprocess.Popen(
+        [*serve, f"sqlite:///{db}", "--default-artifact-root", str(tmp_path / "artifacts")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, "mlflow server did not start"
+                time.sleep(0.5)
+        settings = yaml.safe_load(params.read_text())
+        settings["tracking"]["system_metrics_s"] = 0.1
+        settings["cortex"]["train"]["max_epochs"] = 50
+        params.write_text(yaml.safe_dump(settings))
+        env = {**os.environ, "MLFLOW_TRACKING_URI": url, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "PYTHONWARNINGS": "ignore"}
+        job = subprocess.Popen(
+            ["transdnn", "train", "cortex", "--params", str(params)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        opened = params.parent / "runs" / "cortex" / "train" / "Integrated_dataset_0" / "run.json"
+        while not opened.exists() and job.poll() is None:  # the training's runs are open on the server
+            time.sleep(0.02)
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)
+        _, err = job.communicate(timeout=300)
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+    assert job.returncode == 2, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"error: {url}: the MLflow store failed a request (")
+
+
 @pytest.mark.parametrize(
     ("uri", "label"),
     [

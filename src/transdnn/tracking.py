@@ -516,11 +516,21 @@ def _system_metrics(run_id: str, every_s: float | None, resumed: bool) -> Iterat
 
     logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # not a line per start and stop
     monitor = SystemMetricsMonitor(run_id, sampling_interval=every_s, resume_logging=resumed)
-    monitor.start()
+    monitor.start()  # a sampler that cannot start still says so
+    sampler_log = logging.getLogger(SystemMetricsMonitor.__module__)
+    sampler_log.addFilter(_silenced)
     try:
         yield
     finally:
         monitor.finish()
+        sampler_log.removeFilter(_silenced)
+
+
+def _silenced(record: logging.LogRecord) -> bool:
+    """Drops the running sampler's own reports: each is a store failure (it cannot read the run, log or
+    flush its samples), which the job reports itself in one line and exit status 2 (`StoreFailure`);
+    the sampler's WARNING would be a second line."""
+    return False
 
 
 class Tracker:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +22,13 @@ STORE_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")  # where MLflow
 HUMAN = ["hA", "hB", "hC", "hD", "hE", "hF"]
 MOUSE = ["mA", "mB", "mC", "mD", "mE"]
 PAIRS = [("hA", "mA"), ("hB", "mB"), ("hC", "mC"), ("hD", "mD"), ("hA", "mE")]
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (for a server to start on, or for a store that never answers)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def write_h5ad(path: Path, X: np.ndarray, ids: list[str], genes: list[str], sparse: bool = False) -> Path:

@@ -9,7 +9,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TinyData, make_tiny, tiny_params
+from conftest import REPO, TinyData, free_port, make_tiny, tiny_params
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -46,12 +45,6 @@ def _process_group(pgid: int) -> list[tuple[str, dict[str, str]]]:
     return found
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _as_postgres(args: list[str]) -> list[str]:
     """Clusters refuse to run as root: run their commands as the `postgres` system user."""
     return ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else args
@@ -66,7 +59,7 @@ def postgres() -> Iterator[str]:
     data = Path(tempfile.mkdtemp(prefix="transdnn-pg-"))
     if os.geteuid() == 0:
         shutil.chown(data, "postgres", "postgres")
-    port = _free_port()
+    port = free_port()
     subprocess.run(
         _as_postgres([str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust"]), check=True, capture_output=True
     )
@@ -90,7 +83,7 @@ def postgres() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def server(postgres: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """deploy/mlflow_server.sh on a free loopback port; the admin password is rotated before use."""
-    port = _free_port()
+    port = free_port()
     first, final = secrets.token_urlsafe(16), secrets.token_urlsafe(16)
     env = {
         **os.environ,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import warnings
 from pathlib import Path
@@ -19,7 +18,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from conftest import TinyData, cli_ok, train_cortex, train_embed_cortex
+from conftest import TinyData, cli_ok, free_port, train_cortex, train_embed_cortex
 from transdnn.checkpoints import RunLayout
 from transdnn.cli import app
 from transdnn.hardware import native_bf16
@@ -153,9 +152,7 @@ def test_a_store_that_stops_answering_mid_training_fails_it_in_one_line(
     from transdnn.tracking import Tracker, configure
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        gone = f"http://127.0.0.1:{s.getsockname()[1]}"
+    gone = f"http://127.0.0.1:{free_port()}"
     configure(TrackingSettings(experiment="cut"), tmp_path)
     spec = RunSpec("cortex", "d0", params={}, info={}, seeds=[1, 2], inputs={"train": tiny.train, "human": tiny.human})
     client = MlflowClient(tracking_uri)
@@ -183,9 +180,7 @@ def test_a_server_killed_mid_training_fails_it_in_one_line_with_system_metrics_o
 
     db = tmp_path / "served.db"
     shutil.copy(store_template, db)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     serve = ["mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1", "--backend-store-uri"]
     server = subprocess.Popen(
@@ -429,9 +424,7 @@ def test_no_server_at_the_tracking_uri_exits_2(
     command: list[str], params: Path, tracking_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
     """MLflow alone retries a refused connection for minutes, then prints a traceback."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        uri = f"http://127.0.0.1:{s.getsockname()[1]}"
+    uri = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     result = runner.invoke(app, [*command, "--params", str(params)])
     assert result.exit_code == 2

@@ -174,8 +174,8 @@ class AlternatingFile:
     """A large file rewritten often (the per-epoch resume state), atomically and without new disk blocks.
 
     Writing a new 500 MB file and renaming it over the old one costs 1-6 s of system time on these
-    machines, nearly all of it the file system allocating the new file's blocks (their ext4 is mounted
-    with `discard`, so even a deleted file's blocks are fresh again seconds later). Here two buffers
+    machines, nearly all of it the kernel taking fresh memory for the new file's pages (on a VM that
+    hands freed memory back to its host, each MB costs ~10 ms to take again). Here two buffers
     (`<stem>.0<suffix>`, `<stem>.1<suffix>`) are rewritten in place, alternately, and a small pointer
     file, replaced atomically, names the complete one (~0.06 s for the same bytes). A kill while a buffer
     is written leaves the pointer on the other, complete buffer. Like `durable=False`: safe against a

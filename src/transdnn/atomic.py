@@ -171,7 +171,7 @@ def write_csv(path: str | Path, frame: pd.DataFrame, index: bool = True) -> Path
 
 
 class AlternatingFile:
-    """A large file rewritten often (the per-epoch resume state), atomically and without new disk blocks.
+    """A large file rewritten often (the per-epoch resume state), atomically and without fresh pages.
 
     Writing a new 500 MB file and renaming it over the old one costs 1-6 s of system time on these
     machines, nearly all of it the kernel taking fresh memory for the new file's pages (on a VM that

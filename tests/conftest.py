@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +32,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_for_server(url: str, proc: subprocess.Popen, log: Path | None = None, timeout: float = 120.0) -> None:
+    """Until an `mlflow server` at `url` answers its health check; fails the test (with its log's tail) if
+    the process exits or `timeout` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline or proc.poll() is not None:
+            pytest.fail("mlflow server did not start" + (f":\n{log.read_text()[-3000:]}" if log else ""))
+        time.sleep(0.5)
 
 
 def write_h5ad(path: Path, X: np.ndarray, ids: list[str], genes: list[str], sparse: bool = False) -> Path:

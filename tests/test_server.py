@@ -11,14 +11,13 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TinyData, free_port, make_tiny, tiny_params
+from conftest import REPO, TinyData, free_port, make_tiny, tiny_params, wait_for_server
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -107,17 +106,7 @@ def server(postgres: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline or proc.poll() is not None:
-                pytest.fail(f"mlflow server did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(1)
+        wait_for_server(url, proc, log)
         from mlflow.server.auth.client import AuthServiceClient
 
         os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = "admin", first

@@ -18,7 +18,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from conftest import TinyData, cli_ok, free_port, train_cortex, train_embed_cortex
+from conftest import TinyData, cli_ok, free_port, train_cortex, train_embed_cortex, wait_for_server
 from transdnn.checkpoints import RunLayout
 from transdnn.cli import app
 from transdnn.hardware import native_bf16
@@ -176,7 +176,6 @@ def test_a_server_killed_mid_training_fails_it_in_one_line_with_system_metrics_o
     import os
     import signal
     import time
-    import urllib.request
 
     db = tmp_path / "served.db"
     shutil.copy(store_template, db)
@@ -190,14 +189,7 @@ def test_a_server_killed_mid_training_fails_it_in_one_line_with_system_metrics_o
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline and server.poll() is None, "mlflow server did not start"
-                time.sleep(0.5)
+        wait_for_server(url, server)
         settings = yaml.safe_load(params.read_text())
         settings["tracking"]["system_metrics_s"] = 0.1
         settings["cortex"]["train"]["max_epochs"] = 50
